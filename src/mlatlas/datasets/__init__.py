@@ -1,0 +1,1 @@
+"""Embedded data: generated or shipped inside installed packages, never downloaded."""

@@ -1,0 +1,1 @@
+"""Experiments: one module per catalog row, ``<field>/<id with _>.py``."""

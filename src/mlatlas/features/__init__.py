@@ -1,0 +1,1 @@
+"""Data formats and feature engineering: TFRecord, tf.train.Example, feature columns (no TensorFlow needed)."""

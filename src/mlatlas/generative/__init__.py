@@ -1,0 +1,1 @@
+"""Generative models: DDPM, DDIM, score SDEs, rectified flow, normalizing flows, guidance."""

@@ -1,0 +1,1 @@
+"""Language models and their training: LLaMA, packing, gradient checkpointing."""

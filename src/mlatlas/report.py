@@ -1,0 +1,272 @@
+"""Claims, reports and their writers.
+
+An experiment returns a :class:`Report`: named metrics, the :class:`Claim` objects that say in
+numbers whether the paper's headline claim held, the figures it saved and free-text notes. The
+writers turn one report into ``metrics.json`` + ``report.md`` and a list of reports (a tour)
+into ``report.html`` + ``report.md``. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import operator
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Claim", "Report", "write_run", "write_tour"]
+
+_OPS = {
+    "<=": operator.le,
+    "<": operator.lt,
+    ">=": operator.ge,
+    ">": operator.gt,
+    "==": operator.eq,
+}
+
+
+@dataclass
+class Claim:
+    """A headline claim measured in numbers: ``measured <op> target``.
+
+    Args:
+        name: What is claimed, in words (``"DDIM-50 SW / DDPM-1000 SW"``).
+        measured: The measured value.
+        target: The target fixed before the run (from the paper or the issue).
+        op: One of ``"<="``, ``"<"``, ``">="``, ``">"``, ``"=="``.
+        unit: Unit of ``measured`` and ``target`` (``"x"``, ``"s"``, ``""``).
+        holds: Whether the claim held. Computed from ``measured op target`` when left
+            ``None``; pass it explicitly only for claims a single comparison cannot express.
+        detail: One line of context (how it was measured).
+
+    Raises:
+        ValueError: if ``op`` is not a supported comparison.
+    """
+
+    name: str
+    measured: float
+    target: float
+    op: str = ">="
+    unit: str = ""
+    holds: bool | None = None
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"Claim op must be one of {sorted(_OPS)}, got {self.op!r}")
+        self.measured = float(self.measured)
+        self.target = float(self.target)
+        if self.holds is None:
+            self.holds = (not math.isnan(self.measured)) and bool(
+                _OPS[self.op](self.measured, self.target)
+            )
+        self.holds = bool(self.holds)
+
+    def describe(self) -> str:
+        """``"name: 0.93 >= 0.9 x — holds"``."""
+        verdict = "holds" if self.holds else "DOES NOT HOLD"
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.name}: {_fmt(self.measured)} {self.op} {_fmt(self.target)}{unit} — {verdict}"
+
+
+@dataclass
+class Report:
+    """What one experiment run (or benchmark) produced.
+
+    Experiments fill ``metrics``, ``claims``, ``figures`` and ``notes``; the runner fills the
+    provenance (``method``, ``config``, ``seed``, ``elapsed_s``, ``machine``, ``versions``).
+    """
+
+    method: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    claims: list[Claim] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    smoke: bool = False
+    kind: str = "run"
+    elapsed_s: float = float("nan")
+    machine: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    # -- filling -------------------------------------------------------------------------
+    def metric(self, name: str, value: float) -> float:
+        """Record a scalar metric and return it."""
+        self.metrics[name] = float(value)
+        return float(value)
+
+    def claim(self, name: str, measured: float, target: float, op: str = ">=", unit: str = "",
+              detail: str = "", holds: bool | None = None) -> Claim:
+        """Record a :class:`Claim` (also stored as metric ``name``) and return it."""
+        c = Claim(name, measured, target, op, unit, holds, detail)
+        self.claims.append(c)
+        return c
+
+    def figure(self, path: str | Path) -> Path:
+        """Record a saved figure."""
+        self.figures.append(Path(path))
+        return Path(path)
+
+    def note(self, text: str) -> None:
+        """Record a free-text note (what was measured, why a claim may not hold)."""
+        self.notes.append(text)
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def holds(self) -> bool:
+        """True when the run finished and every claim held."""
+        return self.error is None and all(c.holds for c in self.claims)
+
+    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """JSON-ready dict (figure paths relative to ``relative_to`` when given)."""
+
+        def rel(p: Path) -> str:
+            if relative_to is not None:
+                try:
+                    return str(Path(p).resolve().relative_to(Path(relative_to).resolve()))
+                except ValueError:
+                    pass
+            return str(p)
+
+        return {
+            "method": self.method,
+            "kind": self.kind,
+            "smoke": self.smoke,
+            "seed": self.seed,
+            "config": _jsonable(self.config),
+            "metrics": {k: _num(v) for k, v in self.metrics.items()},
+            "claims": [{**asdict(c), "measured": _num(c.measured), "target": _num(c.target)}
+                       for c in self.claims],
+            "holds": self.holds,
+            "figures": [rel(p) for p in self.figures],
+            "notes": list(self.notes),
+            "elapsed_s": _num(self.elapsed_s),
+            "error": self.error,
+            "machine": self.machine,
+            "versions": self.versions,
+        }
+
+
+# ------------------------------------------------------------------------------ writers
+def write_run(report: Report, out: Path) -> None:
+    """Write ``metrics.json`` and ``report.md`` for one run into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report.to_dict(out), indent=2) + "\n")
+    (out / "report.md").write_text(_markdown([report], out, title=f"mlatlas {report.method}"))
+
+
+def write_tour(reports: list[Report], out: Path, title: str = "mlatlas tour") -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` summarising several runs; return both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "report.md"
+    md.write_text(_markdown(reports, out, title))
+    page = out / "report.html"
+    page.write_text(_html(reports, out, title))
+    return page, md
+
+
+def _markdown(reports: list[Report], out: Path, title: str) -> str:
+    lines = [f"# {title}", ""]
+    n_claims = sum(len(r.claims) for r in reports)
+    n_hold = sum(c.holds for r in reports for c in r.claims)
+    lines += [f"{n_hold} of {n_claims} claims hold across {len(reports)} run(s).", "",
+              "| method | claim | measured | target | holds |", "|---|---|---|---|---|"]
+    for r in reports:
+        if r.error:
+            lines.append(f"| {r.method} | run failed: {_md_cell(r.error)} | | | ✗ |")
+        for c in r.claims:
+            unit = f" {c.unit}" if c.unit else ""
+            lines.append(f"| {r.method} | {_md_cell(c.name)} | {_fmt(c.measured)}{unit} | "
+                         f"{c.op} {_fmt(c.target)}{unit} | {'✓' if c.holds else '✗'} |")
+    for r in reports:
+        lines += ["", f"## {r.method}", "",
+                  f"seed {r.seed}, {_fmt(r.elapsed_s)} s{' (smoke)' if r.smoke else ''}", ""]
+        if r.metrics:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in r.metrics.items()]
+            lines.append("")
+        lines += [f"- {n}" for n in r.notes]
+        lines += [f"![{Path(p).stem}]({_rel(p, out)})" for p in r.figures]
+    return "\n".join(lines) + "\n"
+
+
+def _html(reports: list[Report], out: Path, title: str) -> str:
+    e = html.escape
+    rows = []
+    for r in reports:
+        if r.error:
+            rows.append(f"<tr class='no'><td>{e(r.method)}</td><td colspan=3>run failed: "
+                        f"{e(r.error)}</td><td>✗</td></tr>")
+        for c in r.claims:
+            unit = f" {e(c.unit)}" if c.unit else ""
+            rows.append(
+                f"<tr class='{'ok' if c.holds else 'no'}'><td><a href='#{e(r.method)}'>"
+                f"{e(r.method)}</a></td><td>{e(c.name)}</td><td>{_fmt(c.measured)}{unit}</td>"
+                f"<td>{e(c.op)} {_fmt(c.target)}{unit}</td><td>{'✓' if c.holds else '✗'}</td></tr>")
+    sections = []
+    for r in reports:
+        metrics = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td></tr>"
+                          for k, v in r.metrics.items())
+        notes = "".join(f"<li>{e(n)}</li>" for n in r.notes)
+        figs = "".join(f"<figure><img src='{e(_rel(p, out))}' alt='{e(Path(p).stem)}'>"
+                       f"<figcaption>{e(Path(p).stem)}</figcaption></figure>" for p in r.figures)
+        sections.append(
+            f"<section id='{e(r.method)}'><h2>{e(r.method)}</h2>"
+            f"<p>seed {r.seed} · {_fmt(r.elapsed_s)} s{' · smoke' if r.smoke else ''}</p>"
+            f"<table class='m'>{metrics}</table><ul>{notes}</ul>{figs}</section>")
+    n_claims = sum(len(r.claims) for r in reports)
+    n_hold = sum(c.holds for r in reports for c in r.claims)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:left}tr.ok td:last-child{color:#080}"
+             "tr.no td:last-child{color:#b00;font-weight:bold}img{max-width:100%}"
+             "figure{display:inline-block;max-width:48%;margin:0.5em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{e(title)}</h1>"
+            f"<p>{n_hold} of {n_claims} claims hold across {len(reports)} run(s).</p>"
+            "<table><tr><th>method</th><th>claim</th><th>measured</th><th>target</th>"
+            f"<th>holds</th></tr>{''.join(rows)}</table>{''.join(sections)}</body></html>\n")
+
+
+# ------------------------------------------------------------------------------ helpers
+def _fmt(x: float) -> str:
+    x = float(x)
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.3e}"
+    return f"{x:.4g}"
+
+
+def _num(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _rel(p: Path, out: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path(out).resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

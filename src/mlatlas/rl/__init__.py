@@ -1,0 +1,1 @@
+"""Reinforcement learning: grid world, dynamic programming, stochastic approximation, Monte Carlo, policy gradient."""

@@ -1,0 +1,236 @@
+"""Run catalog experiments: build their config, seed, time, and write their reports.
+
+The command line is a thin layer over this module; tests and notebooks can call it directly::
+
+    from mlatlas.runner import run_method
+    report = run_method("gridworld", out="runs/gridworld")
+
+An experiment module (``mlatlas.experiments.<field>.<name>``) provides a ``Config``
+dataclass whose defaults are the ≤ 30 s CPU run, an optional ``Config.full()`` for the
+headline run, ``run(cfg, out, *, smoke=False) -> Report`` and optionally
+``bench(cfg, out) -> Report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+import traceback
+import types
+import typing
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mlatlas import catalog
+from mlatlas.report import Report, write_run, write_tour
+
+__all__ = [
+    "ConfigError",
+    "NotBuiltError",
+    "default_out",
+    "load_experiment",
+    "make_config",
+    "run_bench",
+    "run_method",
+    "run_tour",
+]
+
+
+class ConfigError(ValueError):
+    """A ``--set`` override names an unknown field or a value of the wrong type."""
+
+
+class NotBuiltError(LookupError):
+    """The method is in the catalog but has no experiment yet (or no benchmark)."""
+
+
+def load_experiment(method_id: str) -> types.ModuleType:
+    """Import the experiment module of ``method_id``.
+
+    Raises:
+        catalog.UnknownMethodError: unknown id.
+        NotBuiltError: the method has no experiment yet.
+    """
+    method = catalog.get(method_id)
+    if method.experiment is None:
+        raise NotBuiltError(f"method {method_id!r} is in the atlas but not built yet")
+    return importlib.import_module(method.experiment)
+
+
+def make_config(module: types.ModuleType, *, full: bool = False,
+                overrides: Iterable[str] = (), seed: int | None = None) -> Any:
+    """Build an experiment's ``Config``: default or ``full()``, then ``k=v`` overrides.
+
+    Args:
+        module: The experiment module.
+        full: Use ``Config.full()`` (the headline run) when the experiment defines it.
+        overrides: ``"field=value"`` strings, converted to the field's annotated type.
+        seed: Overrides ``cfg.seed`` when given.
+
+    Raises:
+        ConfigError: unknown field, malformed override or a value that does not convert.
+    """
+    cls = module.Config
+    cfg = cls.full() if full and hasattr(cls, "full") else cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects field=value, got {item!r}")
+        name, text = (s.strip() for s in item.split("=", 1))
+        if name not in fields:
+            raise ConfigError(f"unknown config field {name!r} for {module.__name__}.Config; "
+                              f"fields: {', '.join(fields)}")
+        changes[name] = _convert(name, text, hints.get(name, str))
+    if seed is not None:
+        if "seed" not in fields:
+            raise ConfigError(f"{module.__name__}.Config has no 'seed' field")
+        changes["seed"] = seed
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def default_out(method_id: str, kind: str = "run") -> Path:
+    """``runs/<id>/<timestamp>/`` (``bench-<timestamp>`` for benchmarks)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / method_id / (stamp if kind == "run" else f"{kind}-{stamp}")
+
+
+def run_method(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
+               smoke: bool = False, full: bool = False, overrides: Iterable[str] = (),
+               seed: int | None = None) -> Report:
+    """Run one experiment, write ``metrics.json``/``report.md`` into ``out`` and return it.
+
+    Args:
+        method_id: Catalog id.
+        cfg: A ready ``Config``; built with :func:`make_config` when None.
+        out: Output folder; :func:`default_out` when None.
+        smoke: Run a few steps only (tests).
+        full: Use ``Config.full()``.
+        overrides: ``"field=value"`` overrides.
+        seed: Seed override.
+    """
+    module = load_experiment(method_id)
+    if cfg is None:
+        cfg = make_config(module, full=full, overrides=overrides, seed=seed)
+    return _execute(method_id, module.run, cfg, out, smoke=smoke, kind="run")
+
+
+def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
+              overrides: Iterable[str] = (), seed: int | None = None) -> Report:
+    """Run an experiment's ``bench`` (speed/memory, side by side) and write its report.
+
+    Raises:
+        NotBuiltError: the experiment has no benchmark.
+    """
+    module = load_experiment(method_id)
+    if not hasattr(module, "bench"):
+        raise NotBuiltError(f"method {method_id!r} has no benchmark (its claim is not about "
+                            "speed or memory)")
+    if cfg is None:
+        cfg = make_config(module, overrides=overrides, seed=seed)
+    return _execute(method_id, module.bench, cfg, out, smoke=False, kind="bench")
+
+
+def run_tour(field: str | None = None, out: str | Path | None = None, *,
+             smoke: bool = False, echo: Any = None) -> tuple[list[Report], Path]:
+    """Run every built experiment (of ``field``) and write ``report.html``/``report.md``.
+
+    A run that raises is recorded as a failed report and the tour goes on.
+
+    Returns:
+        The reports and the path of ``report.html``.
+    """
+    out = Path(out) if out is not None else Path("runs") / "tour" / datetime.now().strftime(
+        "%Y%m%d-%H%M%S")
+    reports = []
+    for method in catalog.by_field(field):
+        if not method.built:
+            continue
+        if echo:
+            echo(f"running {method.id} …")
+        try:
+            report = run_method(method.id, out=out / method.id, smoke=smoke)
+        except Exception as exc:  # one broken experiment must not hide the others
+            report = Report(method=method.id, smoke=smoke,
+                            error=f"{type(exc).__name__}: {exc}")
+            report.note(traceback.format_exc(limit=5))
+        reports.append(report)
+        if echo:
+            echo(_summary_line(report))
+    title = f"mlatlas tour{f' — {field}' if field else ''}"
+    page, _ = write_tour(reports, out, title=title)
+    return reports, page
+
+
+def _execute(method_id: str, fn: Any, cfg: Any, out: str | Path | None, *, smoke: bool,
+             kind: str) -> Report:
+    from mlatlas import runtime
+
+    out = Path(out) if out is not None else default_out(method_id, kind)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = getattr(cfg, "seed", 0)
+    runtime.seed_everything(seed)
+    runtime.deterministic(True)
+    start = time.perf_counter()
+    report = fn(cfg, out, smoke=smoke) if kind == "run" else fn(cfg, out)
+    if not isinstance(report, Report):
+        raise TypeError(f"{method_id}: {kind}() must return a Report, got {type(report).__name__}")
+    report.method = method_id
+    report.kind = kind
+    report.smoke = smoke
+    report.seed = seed
+    report.config = dataclasses.asdict(cfg)
+    report.elapsed_s = time.perf_counter() - start
+    report.machine = runtime.machine_info()
+    report.versions = runtime.versions()
+    write_run(report, out)
+    return report
+
+
+def _summary_line(report: Report) -> str:
+    if report.error:
+        return f"  {report.method}: FAILED — {report.error}"
+    held = sum(c.holds for c in report.claims)
+    return (f"  {report.method}: {held}/{len(report.claims)} claims hold "
+            f"({report.elapsed_s:.1f} s)")
+
+
+def _convert(name: str, text: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(tp)):
+            return None
+        tp = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(tp)
+    try:
+        if origin is typing.Literal:
+            choices = typing.get_args(tp)
+            if text not in [str(c) for c in choices]:
+                raise ValueError
+            return next(c for c in choices if str(c) == text)
+        if origin in (tuple, list):
+            (item_tp, *_) = typing.get_args(tp) or (str,)
+            items = [_convert(name, t, item_tp) for t in text.split(",") if t.strip()]
+            return tuple(items) if origin is tuple else items
+        if tp is bool:
+            low = text.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("1", "true", "yes", "on")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str or tp is Any:
+            return text
+        if isinstance(tp, type) and issubclass(tp, Path):
+            return tp(text)
+        return tp(text)
+    except (ValueError, TypeError):
+        shown = getattr(tp, "__name__", None) or str(tp)
+        raise ConfigError(f"config field {name!r} expects {shown}, got {text!r}") from None

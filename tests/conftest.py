@@ -56,6 +56,14 @@ def reference():
     return load
 
 
+@pytest.fixture
+def fake_method(monkeypatch):
+    """Register the stand-in experiments of ``tests/fake_experiment.py`` in the catalog."""
+    import fake_experiment
+
+    return fake_experiment.register(monkeypatch)
+
+
 def _fail_import_skips(report) -> None:
     if IN_CI and report.skipped and _IMPORT_SKIP in str(report.longrepr):
         report.outcome = "failed"

@@ -242,8 +242,8 @@ METHODS: tuple[Method, ...] = (
       "recovers known intrinsics within 0.5%, reprojection RMS < 0.1 px"),
     # ---------------------------------------------------------------- features
     M("tfrecord", "features", "TFRecord — framing, tf.train.Example, sharded streaming",
-      "TensorFlow TFRecord format and tf.train.Example (tensorflow.org, 'TFRecord and "
-      "tf.train.Example')",
+      "Abadi et al. 2016, arXiv:1603.04467 (TensorFlow); the TFRecord and tf.train.Example "
+      "formats (tensorflow.org)",
       "TensorFlow (tf.io.TFRecordWriter, tf.data.TFRecordDataset)",
       "byte-identical to TF's writer; reads TF's files; corruption raises a clear error"),
     M("feature-columns", "features", "Feature columns — numeric, bucketized, hashed, crossed",
@@ -268,10 +268,9 @@ def get(method_id: str) -> Method:
     try:
         return _BY_ID[method_id]
     except KeyError:
+        contains = [i for i in _BY_ID if method_id and method_id in i]  # "flash"
         close = difflib.get_close_matches(method_id, list(_BY_ID), n=3, cutoff=0.5)
-        if not close:  # prefix / substring matches help for short typos like "flash"
-            close = [i for i in _BY_ID if method_id and method_id in i][:3]
-        raise UnknownMethodError(method_id, close) from None
+        raise UnknownMethodError(method_id, list(dict.fromkeys(contains + close))[:3]) from None
 
 
 def by_field(field: str | None = None) -> list[Method]:

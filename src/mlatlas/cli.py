@@ -148,9 +148,8 @@ def _print_report(report) -> None:  # noqa: ANN001 - a mlatlas.report.Report
                       highlight=False)
     for n in report.notes:
         console.print(f"[dim]note:[/dim] {n}", highlight=False)
-    out = report.figures[0].parent if report.figures else None
-    console.print(f"{len(report.figures)} figure(s); {report.elapsed_s:.1f} s"
-                  + (f"; written under {out}" if out else ""), highlight=False)
+    console.print(f"{len(report.figures)} figure(s); {report.elapsed_s:.1f} s; metrics.json and "
+                  f"report.md written under {report.out}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

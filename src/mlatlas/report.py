@@ -92,6 +92,7 @@ class Report:
     machine: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    out: Path | None = None  # where the runner wrote it (not serialised)
 
     # -- filling -------------------------------------------------------------------------
     def metric(self, name: str, value: float) -> float:

@@ -187,6 +187,7 @@ def _execute(method_id: str, fn: Any, cfg: Any, out: str | Path | None, *, smoke
     report.elapsed_s = time.perf_counter() - start
     report.machine = runtime.machine_info()
     report.versions = runtime.versions()
+    report.out = out
     write_run(report, out)
     return report
 

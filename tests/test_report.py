@@ -1,0 +1,55 @@
+"""Claims and reports: verdicts, serialisation, writers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mlatlas.report import Claim, Report, write_run, write_tour
+
+
+@pytest.mark.parametrize(("measured", "op", "target", "holds"), [
+    (1.0, ">=", 1.0, True), (0.99, ">=", 1.0, False), (0.5, "<=", 0.6, True),
+    (0.6, "<", 0.6, False), (2.0, ">", 1.0, True), (3.0, "==", 3.0, True),
+    (math.nan, "<=", 1.0, False),
+])
+def test_claim_verdict(measured, op, target, holds):
+    assert Claim("c", measured, target, op).holds is holds
+
+
+def test_claim_explicit_verdict_and_bad_op():
+    assert Claim("c", 1.0, 2.0, ">=", holds=True).holds is True
+    with pytest.raises(ValueError, match="Claim op must be one of .* got '=>'"):
+        Claim("c", 1.0, 2.0, "=>")
+
+
+def test_report_fill_and_holds():
+    rep = Report(method="m")
+    assert rep.metric("loss", 0.25) == 0.25
+    rep.claim("loss small", 0.25, 0.5, "<=", unit="nats")
+    assert rep.holds and rep.metrics == {"loss": 0.25}
+    rep.claim("never", 0.0, 1.0, ">=")
+    assert not rep.holds
+    assert "DOES NOT HOLD" in rep.claims[-1].describe()
+
+
+def test_write_run_and_tour(tmp_path):
+    fig = tmp_path / "a" / "fig.png"
+    fig.parent.mkdir()
+    fig.write_bytes(b"\x89PNG")
+    rep = Report(method="m", seed=3, config={"steps": 2, "shape": (2, 3)})
+    rep.metric("nan metric", math.nan)
+    rep.claim("x", 1.0, 0.5, ">=")
+    rep.figure(fig)
+    rep.note("a note")
+    write_run(rep, tmp_path / "a")
+    data = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert data["figures"] == ["fig.png"] and data["metrics"]["nan metric"] is None
+    assert data["config"]["shape"] == [2, 3] and data["claims"][0]["holds"] is True
+    failed = Report(method="broken", error="RuntimeError: boom")
+    page, md = write_tour([rep, failed], tmp_path)
+    html = page.read_text()
+    assert "<img src='a/fig.png'" in html and "run failed: RuntimeError: boom" in html
+    assert "1 of 1 claims hold across 2 run(s)." in md.read_text()

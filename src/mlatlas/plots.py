@@ -33,7 +33,8 @@ def figure(path: str | Path, ncols: int = 1, nrows: int = 1, size: tuple[float, 
         **subplot_kw: Passed to ``plt.subplots``.
 
     Yields:
-        ``(fig, axes)`` as returned by ``plt.subplots``.
+        ``(fig, axes)``: ``axes`` is a single Axes for one panel and otherwise always a 2-D
+        ``[nrows, ncols]`` array (iterate with ``axes.flat``), whatever the layout.
     """
     path = Path(path)
     if path.suffix != ".png":

@@ -24,6 +24,7 @@ __all__ = [
     "machine_info",
     "progress",
     "progress_enabled",
+    "restore_threads",
     "seed_everything",
     "versions",
 ]
@@ -87,6 +88,18 @@ def choose_device(prefer: str = "auto") -> Any:
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         return torch.device("cuda")
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {prefer!r}")
+
+
+@contextlib.contextmanager
+def restore_threads() -> Iterator[None]:
+    """Restore torch's intra-op thread count on exit (experiments may pin it with ``threads``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def progress_enabled(smoke: bool = False) -> bool:

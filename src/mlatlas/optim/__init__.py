@@ -1,1 +1,5 @@
-"""Optimizers: Adam and AdamW."""
+"""Optimizers: Adam (L2 in the gradient) and AdamW (decoupled weight decay)."""
+
+from mlatlas.optim.adam import Adam, AdamW
+
+__all__ = ["Adam", "AdamW"]

@@ -41,6 +41,7 @@ def run(cfg: Config, out, *, smoke: bool = False):
     values = [float(torch.rand(()).item()) for _ in range(steps)]
     rep.metric("steps_run", steps)
     rep.metric("first_draw", values[0])
+    rep.metric("loss[bracketed]", 0.5)  # rich markup must not swallow it
     rep.claim("steps reach target", steps, cfg.target, ">=")
     with figure(out / "curve.png") as (fig, ax):
         curves(ax, {"draws": values})

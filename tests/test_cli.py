@@ -62,7 +62,8 @@ def test_run_writes_metrics_report_and_figures(fake_method, tmp_path, capsys):
     assert data["figures"] == ["curve.png"] and (out / "curve.png").stat().st_size > 0
     assert {"python", "cpu_count"} <= set(data["machine"]) and "torch" in data["versions"]
     assert (out / "report.md").read_text().startswith("# mlatlas fake-method")
-    assert "✓" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "✓" in printed and "loss[bracketed]" in printed
 
 
 def test_run_is_deterministic_for_a_seed(fake_method, tmp_path):

@@ -83,6 +83,7 @@ def _usage(message: str) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     rows = catalog.by_field(args.field)
@@ -93,7 +94,8 @@ def _list(args: argparse.Namespace) -> int:
     for col in ("id", "field", "built", "title", "claim"):
         table.add_column(col, overflow="fold")
     for m in rows:
-        table.add_row(m.id, m.field, "✓" if m.built else "·", m.title, m.claim)
+        table.add_row(*(escape(c) for c in (m.id, m.field, "✓" if m.built else "·", m.title,
+                                            m.claim)))
     Console().print(table)
     return EXIT_OK
 
@@ -133,6 +135,7 @@ def _tour(args: argparse.Namespace) -> int:
 
 def _print_report(report) -> None:  # noqa: ANN001 - a mlatlas.report.Report
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -141,13 +144,13 @@ def _print_report(report) -> None:  # noqa: ANN001 - a mlatlas.report.Report
         t.add_column("metric")
         t.add_column("value", justify="right")
         for k, v in report.metrics.items():
-            t.add_row(k, f"{v:.6g}")
+            t.add_row(escape(k), f"{v:.6g}")
         console.print(t)
     for c in report.claims:
-        console.print(("[green]✓[/green] " if c.holds else "[red]✗[/red] ") + c.describe(),
+        console.print(("[green]✓[/green] " if c.holds else "[red]✗[/red] ") + escape(c.describe()),
                       highlight=False)
     for n in report.notes:
-        console.print(f"[dim]note:[/dim] {n}", highlight=False)
+        console.print(f"[dim]note:[/dim] {escape(n)}", highlight=False)
     console.print(f"{len(report.figures)} figure(s); {report.elapsed_s:.1f} s; metrics.json and "
                   f"report.md written under {report.out}", highlight=False)
 

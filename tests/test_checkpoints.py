@@ -60,3 +60,13 @@ def test_bad_checkpoints(tmp_path):
         load_checkpoint(path, model, opt)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_checkpoint(path, torch.nn.Linear(3, 1))
+
+
+def test_checkpoint_info_reads_metadata_only(tmp_path):
+    from mlatlas.checkpoints import checkpoint_info
+
+    model, opt, _ = _setup()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, opt, step=9, extra={"tag": "a"})
+    assert checkpoint_info(path) == {"step": 9, "extra": {"tag": "a"}}
+    with pytest.raises(FileNotFoundError):
+        checkpoint_info(tmp_path / "nope.safetensors")

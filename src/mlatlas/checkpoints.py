@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_info", "load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "mlatlas-checkpoint-v1"
 
@@ -89,18 +89,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         FileNotFoundError: if ``path`` does not exist.
         ValueError: if the file is not an mlatlas checkpoint or lacks a requested part.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("mlatlas")
-    if raw is None:
-        raise ValueError(f"{path} is not an mlatlas checkpoint (no 'mlatlas' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path}: expected format {_FORMAT!r}, got {meta.get('format')!r}")
+    meta = _metadata(path)
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                           strict=True)
@@ -126,6 +115,36 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
                          has_gauss, cached))
     random.setstate(_py_state_from_json(meta["rng_python"]))
     return {"step": int(meta["step"]), "extra": meta["extra"]}
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """``{"step": int, "extra": dict}`` of a checkpoint, read without loading any tensor.
+
+    Lets a caller check that a checkpoint belongs to its run (e.g. a config tag kept in
+    ``extra``) before :func:`load_checkpoint` touches the model.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not an mlatlas checkpoint.
+    """
+    meta = _metadata(path)
+    return {"step": int(meta["step"]), "extra": meta["extra"]}
+
+
+def _metadata(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("mlatlas")
+    if raw is None:
+        raise ValueError(f"{path} is not an mlatlas checkpoint (no 'mlatlas' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path}: expected format {_FORMAT!r}, got {meta.get('format')!r}")
+    return meta
 
 
 def _py_state_to_json(state: tuple) -> list:

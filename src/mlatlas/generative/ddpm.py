@@ -1,0 +1,459 @@
+"""DDPM — denoising diffusion probabilistic models.
+
+A fixed Markov chain q(x_t | x_{t-1}) = N(√(1−β_t) x_{t-1}, β_t I) turns data into noise in T
+steps; a network ε_θ(x_t, t) learns to predict the noise that was added, and ancestral
+sampling runs the learned reverse chain p_θ(x_{t-1} | x_t) from pure noise back to data.
+Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239; the
+cosine schedule is Nichol & Dhariwal 2021, arXiv:2102.09672.
+
+=================  ===============================================================
+β_t, α_t = 1−β_t   per-step noise variance and its complement, t = 0 … T−1
+ᾱ_t = Π_{s≤t} α_s  ``alphas_cumprod``: signal kept after t+1 steps
+x_t                √ᾱ_t x_0 + √(1−ᾱ_t) ε,  ε ~ N(0, I)            (eq. 4)
+x̂_0               (x_t − √(1−ᾱ_t) ε_θ) / √ᾱ_t  ``pred_original_sample``  (eq. 15)
+μ̃_t               posterior mean of q(x_{t−1} | x_t, x_0)                   (eq. 7)
+β̃_t               (1−ᾱ_{t−1})/(1−ᾱ_t) β_t  posterior variance ("fixed_small")
+=================  ===============================================================
+
+:class:`DDPMScheduler` follows the diffusers scheduler interface (``set_timesteps``,
+``step(model_output, timestep, sample, generator=...)``, ``add_noise``) step for step, so it
+can be swapped into a diffusers pipeline and is tested against ``diffusers.DDPMScheduler``.
+Timesteps are integers in ``[0, T)``; networks receive ``t / T`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "PREDICTION_TYPES",
+    "SPACINGS",
+    "VARIANCE_TYPES",
+    "DDPMScheduler",
+    "NoiseSchedule",
+    "SchedulerOutput",
+    "denoise",
+    "epsilon_loss",
+    "inference_timesteps",
+    "make_betas",
+    "mixture_epsilon",
+    "network_fn",
+    "predict_x0_eps",
+]
+
+BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+VARIANCE_TYPES: tuple[str, ...] = ("fixed_small", "fixed_small_log", "fixed_large")
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+
+
+def _cosine_alpha_bar(u: float) -> float:
+    # Nichol & Dhariwal eq. (17): ᾱ(u) = cos²((u + s)/(1 + s) · π/2), s = 0.008
+    return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def make_betas(num_train_timesteps: int = 1000, schedule: str = "linear",
+               beta_start: float = 1e-4, beta_end: float = 0.02, max_beta: float = 0.999
+               ) -> Tensor:
+    """The noise schedule β_0 … β_{T−1} as float32 ``[T]``.
+
+    Args:
+        num_train_timesteps: T.
+        schedule: ``"linear"`` (DDPM: β from ``beta_start`` to ``beta_end``),
+            ``"scaled_linear"`` (linear in √β), or ``"squaredcos_cap_v2"``/``"cosine"``
+            (β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), ``max_beta``) with the cosine ᾱ).
+        beta_start: First β of the linear schedules.
+        beta_end: Last β of the linear schedules.
+        max_beta: Cap of the cosine schedule's β.
+
+    Raises:
+        ValueError: for an unknown ``schedule`` or ``num_train_timesteps < 1``.
+    """
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+    T = num_train_timesteps
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    if schedule in ("squaredcos_cap_v2", "cosine"):
+        betas = [min(1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), max_beta)
+                 for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float32)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+
+
+def inference_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                        spacing: str = "leading", steps_offset: int = 0) -> Tensor:
+    """Descending int64 timesteps of a shortened sampling chain.
+
+    ``"leading"``: ``k·⌊T/n⌋ + steps_offset`` for k = n−1 … 0; ``"trailing"``:
+    ``round(T − k·T/n) − 1`` for k = 0 … n−1 (always starts at T−1); ``"linspace"``:
+    ``round(linspace(0, T−1, n))`` reversed (Lin et al. 2024, arXiv:2305.08891, Table 2).
+
+    Raises:
+        ValueError: for ``num_inference_steps`` outside ``[1, num_train_timesteps]`` or an
+            unknown ``spacing``.
+    """
+    T, n = num_train_timesteps, num_inference_steps
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
+    if n > T:
+        raise ValueError(f"num_inference_steps={n} cannot exceed num_train_timesteps={T}: the "
+                         f"model was trained on {T} timesteps only")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+    if ts.max() >= T or ts.min() < 0:
+        raise ValueError(f"steps_offset={steps_offset} pushes timesteps outside [0, {T})")
+    return torch.from_numpy(ts)
+
+
+@dataclass
+class SchedulerOutput:
+    """What a scheduler ``step`` returns (the fields of diffusers' ``*SchedulerOutput``).
+
+    Attributes:
+        prev_sample: ``x_{t−1}`` (or the next sample of a shortened chain), like ``sample``.
+        pred_original_sample: ``x̂_0`` predicted at this step, like ``sample``.
+    """
+
+    prev_sample: Tensor
+    pred_original_sample: Tensor
+
+
+def _randn(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Gaussian noise drawn exactly as diffusers' ``randn_tensor`` draws it for one generator."""
+    device = like.device
+    if generator is not None and generator.device.type != device.type:
+        return torch.randn(shape, generator=generator, device=generator.device,
+                           dtype=like.dtype).to(device)
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
+
+
+def _broadcast(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+class NoiseSchedule:
+    """The forward process q(x_t | x_0) of a discrete-time diffusion (no sampler).
+
+    Args:
+        num_train_timesteps: T.
+        beta_schedule: See :func:`make_betas`.
+        beta_start: First β of the linear schedules.
+        beta_end: Last β of the linear schedules.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
+                 beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.num_train_timesteps = num_train_timesteps
+        self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # ᾱ_t
+        self.one = torch.tensor(1.0)
+
+    def _check_timesteps(self, timesteps: Tensor) -> Tensor:
+        if not isinstance(timesteps, Tensor):
+            timesteps = torch.as_tensor(timesteps)
+        if timesteps.is_floating_point():
+            raise TypeError(f"timesteps must be integers in [0, {self.num_train_timesteps}), "
+                            f"got dtype {timesteps.dtype}")
+        if timesteps.numel() and (int(timesteps.min()) < 0
+                                  or int(timesteps.max()) >= self.num_train_timesteps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps}), got values "
+                             f"in [{int(timesteps.min())}, {int(timesteps.max())}]")
+        return timesteps
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """Sample q(x_t | x_0): ``√ᾱ_t x_0 + √(1−ᾱ_t) ε`` (eq. 4).
+
+        Args:
+            original_samples: ``x_0``, ``[B, ...]``.
+            noise: ``ε``, same shape.
+            timesteps: ``[B]`` int64 timesteps (or one shared scalar).
+
+        Returns:
+            ``x_t``, same shape as ``original_samples``.
+        """
+        if noise.shape != original_samples.shape:
+            raise ValueError(f"noise must have the shape of original_samples "
+                             f"{tuple(original_samples.shape)}, got {tuple(noise.shape)}")
+        timesteps = self._check_timesteps(timesteps).to(original_samples.device)
+        ac = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
+        sqrt_ac = _broadcast((ac[timesteps] ** 0.5).flatten(), original_samples)
+        sqrt_1m = _broadcast(((1 - ac[timesteps]) ** 0.5).flatten(), original_samples)
+        return sqrt_ac * original_samples + sqrt_1m * noise  # eq. (4)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[n]`` timesteps uniform on ``{0, …, T−1}``."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+
+    def normalized(self, timesteps: Tensor) -> Tensor:
+        """Integer timesteps → the float ``t / T`` in [0, 1) that the networks take."""
+        return timesteps.float() / self.num_train_timesteps
+
+    def __len__(self) -> int:
+        return self.num_train_timesteps
+
+    def _check_step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor) -> int:
+        if not isinstance(sample, Tensor) or not sample.is_floating_point():
+            raise TypeError(f"sample must be a floating-point tensor, got "
+                            f"{getattr(sample, 'dtype', type(sample).__name__)}")
+        if not isinstance(model_output, Tensor) or model_output.shape != sample.shape:
+            raise ValueError(f"model_output must have the shape of sample {tuple(sample.shape)}, "
+                             f"got {tuple(getattr(model_output, 'shape', ()))}")
+        if isinstance(timestep, Tensor) and (timestep.numel() != 1
+                                             or timestep.is_floating_point()):
+            raise ValueError(f"timestep must be one integer, got {timestep!r}")
+        if isinstance(timestep, float):
+            raise TypeError(f"timestep must be an integer, got {timestep!r}")
+        t = int(timestep)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps}), got {t}")
+        return t
+
+
+def epsilon_loss(model: nn.Module, x0: Tensor, schedule: NoiseSchedule,
+                 generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
+    """DDPM's simplified objective ``E_{t,ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖²`` (eq. 14).
+
+    Args:
+        model: ``model(x_t, t/T, y)`` → ``ε̂`` shaped like ``x0``.
+        x0: ``[B, ...]`` clean data.
+        schedule: The forward process.
+        generator: Source of ``t`` and ``ε``.
+        y: Optional ``[B]`` labels passed to the model.
+
+    Returns:
+        Scalar mean squared error.
+    """
+    t = schedule.sample_timesteps(x0.shape[0], generator).to(x0.device)
+    eps = _randn(x0.shape, generator, x0)
+    x_t = schedule.add_noise(x0, eps, t)
+    pred = model(x_t, schedule.normalized(t), y) if y is not None else model(
+        x_t, schedule.normalized(t))
+    return nn.functional.mse_loss(pred, eps)  # eq. (14): L_simple
+
+
+class DDPMScheduler(NoiseSchedule):
+    """Ancestral sampler of DDPM with the diffusers scheduler interface.
+
+    Args:
+        num_train_timesteps: T.
+        beta_start: First β of the linear schedules.
+        beta_end: Last β of the linear schedules.
+        beta_schedule: ``"linear"``, ``"scaled_linear"`` or ``"squaredcos_cap_v2"`` (cosine).
+        variance_type: ``"fixed_small"`` (σ² = β̃_t), ``"fixed_small_log"`` (the same,
+            through the log) or ``"fixed_large"`` (σ² = β_t).
+        clip_sample: Clamp x̂_0 to ``[−clip_sample_range, clip_sample_range]``.
+        prediction_type: What the network outputs: ``"epsilon"``, ``"sample"`` (x_0) or
+            ``"v_prediction"`` (v = √ᾱ ε − √(1−ᾱ) x_0).
+        clip_sample_range: Clamp bound.
+        timestep_spacing: See :func:`inference_timesteps`.
+        steps_offset: Added to ``"leading"`` timesteps.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                 beta_end: float = 0.02, beta_schedule: str = "linear",
+                 variance_type: str = "fixed_small", clip_sample: bool = True,
+                 prediction_type: str = "epsilon", clip_sample_range: float = 1.0,
+                 timestep_spacing: str = "leading", steps_offset: int = 0):
+        super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end)
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got "
+                             f"{variance_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
+                             f"{prediction_type!r}")
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got "
+                             f"{timestep_spacing!r}")
+        self.variance_type = variance_type
+        self.clip_sample = clip_sample
+        self.clip_sample_range = clip_sample_range
+        self.prediction_type = prediction_type
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None
+                      ) -> None:
+        """Choose the ``num_inference_steps`` timesteps of the sampling chain (``self.timesteps``)."""
+        self.timesteps = inference_timesteps(self.num_train_timesteps, num_inference_steps,
+                                             self.timestep_spacing, self.steps_offset).to(device)
+        self.num_inference_steps = num_inference_steps
+
+    def scale_model_input(self, sample: Tensor, timestep: int | None = None) -> Tensor:
+        """Identity (DDPM feeds x_t to the network unscaled); part of the diffusers interface."""
+        return sample
+
+    def previous_timestep(self, timestep: int | Tensor) -> int:
+        """The timestep after ``timestep`` in the chain (−1 after the last)."""
+        t = int(timestep)
+        if self.num_inference_steps is None:
+            return t - 1
+        hits = (self.timesteps == t).nonzero(as_tuple=True)[0]
+        if hits.numel() == 0:
+            raise ValueError(f"timestep {t} is not in the schedule set by set_timesteps "
+                             f"({self.timesteps.tolist()[:6]}…)")
+        idx = int(hits[0])
+        return -1 if idx == len(self.timesteps) - 1 else int(self.timesteps[idx + 1])
+
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True
+             ) -> SchedulerOutput | tuple[Tensor, Tensor]:
+        """One ancestral step x_t → x_{t'} (t' = the previous timestep of the chain).
+
+        Args:
+            model_output: Network output at (``sample``, ``timestep``), shaped like ``sample``.
+            timestep: Current integer timestep t (one of ``self.timesteps``).
+            sample: ``x_t``, ``[B, ...]``.
+            generator: Source of the step's Gaussian noise (none is drawn at t = 0).
+            return_dict: Return a :class:`SchedulerOutput` (else a tuple).
+
+        Returns:
+            ``prev_sample`` = x_{t'} and ``pred_original_sample`` = x̂_0.
+
+        Raises:
+            ValueError: for a timestep outside ``[0, T)`` or not in the schedule, or a
+                ``model_output`` whose shape differs from ``sample``'s.
+        """
+        t = self._check_step(model_output, timestep, sample)
+        prev_t = self.previous_timestep(t)
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev  # α between t' and t
+        current_beta_t = 1 - current_alpha_t
+
+        x0, _ = predict_x0_eps(model_output, sample, alpha_prod_t, self.prediction_type)
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        # eq. (7): μ̃_t = √ᾱ_{t'} β_t/(1−ᾱ_t) x̂_0 + √α_t (1−ᾱ_{t'})/(1−ᾱ_t) x_t
+        x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
+        xt_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
+        prev = x0_coeff * x0 + xt_coeff * sample
+        if t > 0:
+            noise = _randn(model_output.shape, generator, model_output)
+            # β̃_t = (1−ᾱ_{t'})/(1−ᾱ_t) β_t (eq. 7), or β_t for "fixed_large"
+            small = torch.clamp(beta_prod_t_prev / beta_prod_t * current_beta_t, min=1e-20)
+            if self.variance_type == "fixed_small":
+                std = small ** 0.5
+            elif self.variance_type == "fixed_small_log":
+                std = torch.exp(0.5 * torch.log(small))
+            else:
+                std = current_beta_t ** 0.5
+            prev = prev + std * noise  # x_{t'} = μ̃_t + σ_t z
+        if not return_dict:
+            return prev, x0
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def predict_x0_eps(model_output: Tensor, sample: Tensor, alpha_prod_t: Tensor,
+                   prediction_type: str = "epsilon") -> tuple[Tensor, Tensor]:
+    """x̂_0 and ε̂ from a network output at ᾱ_t (before any clipping).
+
+    Args:
+        model_output: ε̂, x̂_0 or v̂ (``prediction_type``), shaped like ``sample``.
+        sample: ``x_t``.
+        alpha_prod_t: ᾱ_t (a scalar tensor).
+        prediction_type: One of :data:`PREDICTION_TYPES`.
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)  # eq. (15)
+        eps = model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+    elif prediction_type == "v_prediction":  # v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022)
+        x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        eps = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
+                         f"{prediction_type!r}")
+    return x0, eps
+
+
+def network_fn(model: nn.Module, num_train_timesteps: int, y: Tensor | None = None
+               ) -> Callable[[Tensor, Tensor], Tensor]:
+    """Adapt ``model(x, t/T, y)`` to the ``f(x, timestep)`` a sampling loop calls."""
+
+    def fn(x: Tensor, timestep: Tensor) -> Tensor:
+        t = torch.full((x.shape[0],), float(timestep) / num_train_timesteps, device=x.device)
+        return model(x, t, y) if y is not None else model(x, t)
+
+    return fn
+
+
+@torch.no_grad()
+def denoise(model_fn: Callable[[Tensor, Tensor], Tensor], scheduler: NoiseSchedule,
+            sample: Tensor, generator: torch.Generator | None = None, **step_kwargs: object
+            ) -> Tensor:
+    """Run a scheduler's chain from ``sample`` (x_T) over ``scheduler.timesteps``.
+
+    Works for any scheduler with the diffusers interface (:class:`DDPMScheduler`,
+    :class:`mlatlas.generative.ddim.DDIMScheduler`): ``model_fn(x, t)`` is evaluated once
+    per timestep (``len(scheduler.timesteps)`` network evaluations).
+
+    Args:
+        model_fn: ``(x_t [B, ...], timestep) → model output [B, ...]``.
+        scheduler: Its ``timesteps`` set by ``set_timesteps``.
+        sample: Starting noise ``[B, ...]`` (multiplied by ``init_noise_sigma`` = 1).
+        generator: Passed to every ``step``.
+        **step_kwargs: Extra ``step`` arguments (``eta=`` for DDIM).
+
+    Returns:
+        The final sample x_0.
+    """
+    x = sample
+    for t in scheduler.timesteps:
+        x = scheduler.step(model_fn(x, t), t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def mixture_epsilon(x_t: Tensor, alpha_bar: Tensor | float, means: Tensor, std: float,
+                    weights: Tensor | None = None) -> Tensor:
+    """The exact (Bayes-optimal) ε-predictor ``E[ε | x_t]`` for isotropic Gaussian-mixture data.
+
+    With x_0 ~ Σ_k w_k N(μ_k, s²I) the noisy marginal is Σ_k w_k N(√ᾱ μ_k, (ᾱ s² + 1−ᾱ) I), and
+    ``E[ε | x_t] = −√(1−ᾱ) ∇ log p(x_t)``. A "perfect network" for tests and for measuring
+    sampler error separately from training error.
+
+    Args:
+        x_t: ``[B, d]`` noisy points.
+        alpha_bar: ᾱ of each point, ``[B]`` or a scalar.
+        means: ``[K, d]`` component means μ_k.
+        std: Component standard deviation s.
+        weights: ``[K]`` mixture weights (uniform when None).
+
+    Returns:
+        ``[B, d]`` ε̂.
+    """
+    ab = torch.as_tensor(alpha_bar, dtype=x_t.dtype, device=x_t.device)
+    ab = ab.expand(x_t.shape[0]) if ab.ndim == 0 else ab
+    var = ab * std**2 + (1 - ab)  # [B] marginal variance of each component
+    mu = ab.sqrt()[:, None, None] * means.to(x_t)[None]  # [B, K, d]
+    diff = x_t[:, None, :] - mu
+    logw = (weights.to(x_t).log() if weights is not None
+            else torch.zeros(means.shape[0], dtype=x_t.dtype, device=x_t.device))
+    logits = logw[None] - (diff**2).sum(-1) / (2 * var[:, None])  # shared variance: no log|Σ|
+    resp = logits.softmax(dim=1)  # p(k | x_t)
+    score = -(resp[..., None] * diff).sum(1) / var[:, None]  # ∇ log p(x_t)
+    return -(1 - ab).sqrt()[:, None] * score

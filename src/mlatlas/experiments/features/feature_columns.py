@@ -18,8 +18,6 @@ changes nothing: features from the records equal features from the in-memory row
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from mlatlas.checkpoints import save_checkpoint
 from mlatlas.datasets.census import EDUCATION, LANGUAGES, MARITAL, WORKCLASSES, make_census
+from mlatlas.experiments.features import load_tensorflow
 from mlatlas.features import feature_columns as F
 from mlatlas.features.dataset import TFRecordDataset, collate_examples
 from mlatlas.features.example import FixedLenFeature, encode_example
@@ -101,15 +100,6 @@ def _batches(paths, schema, cfg: Config, shuffle: bool) -> list[dict]:
     return list(loader)
 
 
-def _load_tf():
-    """TensorFlow when importable (imported lazily: mlatlas never needs it), else None."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        return importlib.import_module("tensorflow")
-    except ImportError:
-        return None
-
-
 def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     rep = Report()
     out = Path(out)
@@ -179,7 +169,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
               float((ours - direct).abs().max()), 0.0, "<=",
               detail="FeatureLayer on decoded records vs on the generator's rows")
 
-    tf = _load_tf() if (cfg.compare_tf and not smoke) else None
+    tf = load_tensorflow() if (cfg.compare_tf and not smoke) else None
     if tf is None:
         rep.note("TensorFlow comparison skipped: " + ("smoke run" if smoke else
                  "disabled" if not cfg.compare_tf else "tensorflow is not importable")

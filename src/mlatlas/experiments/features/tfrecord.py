@@ -12,8 +12,6 @@ records/s) of ``read_records`` against ``tf.data.TFRecordDataset`` on the same f
 
 from __future__ import annotations
 
-import importlib
-import os
 import statistics
 import time
 from collections import Counter
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mlatlas.datasets.census import make_census
+from mlatlas.experiments.features import load_tensorflow
 from mlatlas.features.dataset import TFRecordDataset
 from mlatlas.features.example import encode_example
 from mlatlas.features.tfrecord import CorruptRecordError, TFRecordWriter, read_records
@@ -45,14 +44,6 @@ class Config:
     bench_payload: int = 1024  # bytes per record of bench's second file set
     bench_repeats: int = 3  # timed repeats per reader (median reported) after a warm-up
     seed: int = 0  # seeds the data and the damage positions
-
-
-def _load_tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        return importlib.import_module("tensorflow")
-    except ImportError:
-        return None
 
 
 def _payloads(n: int, seed: int) -> list[bytes]:
@@ -92,7 +83,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     rep.claim("records read back = records written", float(back == expected), 1.0, ">=",
               detail=f"{n} Examples x {cfg.shards} shards, plain and gzip")
 
-    tf = _load_tf() if (cfg.compare_tf and not smoke) else None
+    tf = load_tensorflow() if (cfg.compare_tf and not smoke) else None
     if tf is None:
         rep.note("TensorFlow comparison skipped: " + ("smoke run" if smoke else
                  "disabled" if not cfg.compare_tf else "tensorflow is not importable")
@@ -188,7 +179,7 @@ def bench(cfg: Config, out: Path) -> Report:
     sets = {"census Examples": _payloads(cfg.bench_records, cfg.seed),
             f"{cfg.bench_payload} B records": [rng.bytes(cfg.bench_payload)
                                                for _ in range(cfg.bench_records)]}
-    tf = _load_tf()
+    tf = load_tensorflow()
     if tf is None:
         rep.note("TensorFlow is not importable: only our reader is timed (pip install "
                  "tensorflow-cpu for the side-by-side numbers).")

@@ -41,7 +41,7 @@ class Config:
     """Defaults are the embedded default run: ≤ 30 s on 2 CPU cores."""
 
     density: str = "8gaussians"  # 2-D density of mlatlas.datasets.toy2d
-    train_steps: int = 2000  # AdamW steps
+    train_steps: int = 1400  # AdamW steps
     batch_size: int = 2048  # training batch
     lr: float = 8e-3  # peak learning rate (cosine decay to 0.1×)
     hidden: int = 48  # MLP width

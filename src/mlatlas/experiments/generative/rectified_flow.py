@@ -48,9 +48,9 @@ class Config:
 
     density: str = "8gaussians"  # toy2d density
     scale: float = 0.5  # the flows transport N(0, I) to scale·x
-    steps: int = 3000  # 1-RF training steps
-    reflow_steps: int = 2000  # 2-RF training steps (initialised from 1-RF)
-    n_couplings: int = 20000  # (x0, ODE(x0)) pairs generated for reflow
+    steps: int = 2000  # 1-RF training steps
+    reflow_steps: int = 1300  # 2-RF training steps (initialised from 1-RF)
+    n_couplings: int = 12000  # (x0, ODE(x0)) pairs generated for reflow
     coupling_steps: int = 100  # Euler steps of the 1-RF ODE that generates them
     batch_size: int = 512  # training batch
     lr: float = 2e-3  # 1-RF peak learning rate (cosine to 0.1·lr)
@@ -59,7 +59,7 @@ class Config:
     depth: int = 3  # MLPDenoiser hidden layers
     time_scale: float = 30.0  # sinusoidal time-embedding factor (smooth in continuous t)
     ema_decay: float = 0.995  # EMA of the weights used for sampling
-    n_eval: int = 5000  # samples per quality measurement
+    n_eval: int = 3000  # samples per quality measurement
     eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 100)  # Euler step counts evaluated
     n_floor: int = 5  # pairs of true sample sets for the SW noise floor
     threads: int = 1  # torch threads (tiny networks run best on one)

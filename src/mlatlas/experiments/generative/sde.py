@@ -49,7 +49,7 @@ class Config:
 
     density: str = "8gaussians"  # toy2d density with an exact log_prob (8gaussians|checkerboard)
     scale: float = 1.0  # the network sees scale·x; likelihoods are converted back to x
-    steps: int = 6000  # AdamW steps of denoising score matching
+    steps: int = 4000  # AdamW steps of denoising score matching
     batch_size: int = 512  # training batch
     lr: float = 2e-3  # peak learning rate (cosine to 0.1·lr)
     hidden: int = 64  # MLPDenoiser width
@@ -167,6 +167,10 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
              "further than the converged sampler, but the a-priori band (2·floor + excess) is "
              "wide at this sample size, so the claim only rules out gross disagreement; "
              "--full uses 5000 samples per set.")
+    if not rep.claims[-1].holds:
+        rep.note("The PF-ODE likelihood gap is above the margin at this training budget (the "
+                 "default run is cut to fit ≤ 30 s on 2 CPU cores); --full trains "
+                 f"{Config.full().steps} steps with a wider network.")
     rep.note("The likelihood is that of x_eps (data + N(0, s(eps)²) noise, s(eps) ≈ "
              f"{float(sde.marginal_coeffs(torch.tensor([cfg.eps]))[1]) / cfg.scale:.3f} in x "
              "units) under the N(0, I) prior at t = 1.")

@@ -175,7 +175,7 @@ def _execute(method_id: str, fn: Any, cfg: Any, out: str | Path | None, *, smoke
     seed = getattr(cfg, "seed", 0)
     runtime.seed_everything(seed)
     runtime.deterministic(True)
-    with runtime.restore_threads():  # an experiment may pin torch threads; the next one must not inherit it
+    with runtime.torch_threads():  # an experiment may pin torch threads; the next one must not inherit it
         start = time.perf_counter()
         report = fn(cfg, out, smoke=smoke) if kind == "run" else fn(cfg, out)
     if not isinstance(report, Report):

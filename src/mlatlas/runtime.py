@@ -24,8 +24,8 @@ __all__ = [
     "machine_info",
     "progress",
     "progress_enabled",
-    "restore_threads",
     "seed_everything",
+    "torch_threads",
     "versions",
 ]
 
@@ -91,11 +91,19 @@ def choose_device(prefer: str = "auto") -> Any:
 
 
 @contextlib.contextmanager
-def restore_threads() -> Iterator[None]:
-    """Restore torch's intra-op thread count on exit (experiments may pin it with ``threads``)."""
+def torch_threads(n: int | None = None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, restoring the old count after.
+
+    Tiny networks and small tensors spend more time synchronising threads than computing;
+    experiments pin one thread for them (a ``threads`` Config field). ``n`` of None or
+    ``<= 0`` leaves the count unchanged and only restores it on exit (what the runner does
+    around every experiment, so that none inherits another's setting).
+    """
     import torch
 
     before = torch.get_num_threads()
+    if n is not None and n > 0:
+        torch.set_num_threads(n)
     try:
         yield
     finally:

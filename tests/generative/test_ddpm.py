@@ -18,7 +18,7 @@ from mlatlas.generative.ddpm import (
     make_betas,
     mixture_epsilon,
 )
-from mlatlas.generative.training import torch_threads
+from mlatlas.runtime import torch_threads
 
 ATOL = 1e-6  # fp32; in practice the two implementations agree bit for bit
 

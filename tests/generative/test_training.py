@@ -8,7 +8,8 @@ import torch
 from mlatlas.datasets import toy2d
 from mlatlas.generative.ddpm import NoiseSchedule, epsilon_loss
 from mlatlas.generative.networks import MLPDenoiser
-from mlatlas.generative.training import lr_at, torch_threads, train_denoiser
+from mlatlas.generative.training import lr_at, train_denoiser
+from mlatlas.runtime import torch_threads
 
 
 def _train(steps, ckpt=None, tag="", crash_at=None):

@@ -261,7 +261,7 @@ class DigitClassifier(nn.Module):
 @functools.lru_cache(maxsize=4)
 def _trained_state(seed: int, steps: int) -> tuple[dict[str, Tensor], float]:
     from mlatlas.datasets.digits import load_digits
-    from mlatlas.generative.training import torch_threads
+    from mlatlas.runtime import torch_threads
 
     x, y = load_digits("train")
     xt, yt = load_digits("test")

@@ -17,10 +17,9 @@ the numbers of an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,22 +30,7 @@ from torch import Tensor, nn
 from mlatlas.checkpoints import checkpoint_info, load_checkpoint, save_checkpoint
 from mlatlas.runtime import progress
 
-__all__ = ["TrainResult", "lr_at", "torch_threads", "train_denoiser"]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)``, restoring the old count after.
-
-    Tiny networks (a 2-D MLP, an 8×8 U-Net) spend more time synchronising threads than
-    computing on a shared CPU; one thread is usually both faster and cheaper there.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+__all__ = ["TrainResult", "lr_at", "train_denoiser"]
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int = 0, schedule: str = "constant"

@@ -8,12 +8,11 @@ state equals the causal parallel form) and times a short length sweep against
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from mlatlas.attention.linear import LinearAttentionState, get_feature_map, linear_attention
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -110,18 +110,6 @@ def _time_pair(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
                 fn()
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (``n <= 0``: unchanged), then restore."""
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _sweep(cfg: Config, lengths: tuple[int, ...], gen: torch.Generator,

@@ -33,9 +33,9 @@ from mlatlas.attention.performer import (
     gaussian_projection,
     positive_random_features,
 )
-from mlatlas.experiments.attention.linear_attention import torch_threads
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 
 @dataclass

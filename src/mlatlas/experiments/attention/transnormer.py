@@ -33,10 +33,9 @@ from torch import Tensor, nn
 
 from mlatlas.attention.transnormer import TransNormer
 from mlatlas.checkpoints import save_checkpoint
-from mlatlas.experiments.attention.linear_attention import torch_threads
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
-from mlatlas.runtime import progress
+from mlatlas.runtime import progress, torch_threads
 
 _MODELS = ("linear", "norm", "transnormer")
 

@@ -31,9 +31,9 @@ from mlatlas.datasets import toy2d
 from mlatlas.experiments.generative.ddpm import ToyScore, train_toy_denoiser
 from mlatlas.generative.ddim import DDIMInverseScheduler, DDIMScheduler, ddim_invert, ddim_sample
 from mlatlas.generative.ddpm import DDPMScheduler, denoise, network_fn
-from mlatlas.generative.training import torch_threads
 from mlatlas.plots import figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 
 @dataclass

@@ -28,9 +28,10 @@ from mlatlas.generative import metrics
 from mlatlas.generative.ddpm import DDPMScheduler, denoise, epsilon_loss, network_fn
 from mlatlas.generative.guidance import cfg_loss, classifier_free_guidance
 from mlatlas.generative.networks import MLPDenoiser, SmallUNet
-from mlatlas.generative.training import TrainResult, torch_threads, train_denoiser
+from mlatlas.generative.training import TrainResult, train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 
 @dataclass

@@ -37,9 +37,10 @@ from mlatlas.datasets import toy2d
 from mlatlas.generative.cnf import CNF, flow_matching_loss
 from mlatlas.generative.flows import RealNVP
 from mlatlas.generative.networks import MLPDenoiser
-from mlatlas.generative.training import torch_threads, train_denoiser
+from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 NLL_MARGIN_NATS = 0.2  # NLL − H ≤ 0.2 nats
 MODELS = ("realnvp", "fm", "cnf")

@@ -41,9 +41,10 @@ from mlatlas.generative.guidance import (
     classifier_guidance,
     noisy_classifier_loss,
 )
-from mlatlas.generative.training import torch_threads, train_denoiser
+from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 
 @dataclass

@@ -34,9 +34,10 @@ from mlatlas.generative.rectified_flow import (
     sample_euler,
     straightness,
 )
-from mlatlas.generative.training import torch_threads, train_denoiser
+from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 FEW_STEP_FACTOR = 1.2  # k-step SW within 20% of the 100-step SW (+ 2 σ of the metric)
 STRAIGHTNESS_RATIO = 0.5  # S(2-RF) ≤ 0.5 · S(1-RF)

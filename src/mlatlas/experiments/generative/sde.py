@@ -35,9 +35,10 @@ from mlatlas.generative.sde import (
     reverse_sde_sample,
     score_from_eps,
 )
-from mlatlas.generative.training import torch_threads, train_denoiser
+from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
+from mlatlas.runtime import torch_threads
 
 SW_TARGET_FACTOR = 2.0  # SW(SDE, ODE) ≤ 2·floor + excess model error
 KL_TARGET_NATS = 0.15  # mean log p_true − log p_ODE on held-out data

@@ -17,6 +17,7 @@ from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.rl import dynamic_programming as dp
 from mlatlas.rl.gridworld import MOVES, GridWorld
+from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -73,12 +74,8 @@ def _rect(row: int, col: int, color: str) -> Any:
 
 
 def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and deterministic
-    try:
+    with torch_threads(1):  # tiny tensors: one thread is fastest
         return _run(cfg, out, smoke)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config, out: Path, smoke: bool) -> Report:

@@ -19,6 +19,7 @@ from mlatlas.report import Report
 from mlatlas.rl import dynamic_programming as dp
 from mlatlas.rl import monte_carlo as mc
 from mlatlas.rl.gridworld import GridWorld
+from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -60,12 +61,8 @@ def _best_epsilon_greedy(world: GridWorld, epsilon: float) -> tuple[torch.Tensor
 
 
 def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and deterministic
-    try:
+    with torch_threads(1):  # tiny tensors: one thread is fastest
         return _run(cfg, out, smoke)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config, out: Path, smoke: bool) -> Report:

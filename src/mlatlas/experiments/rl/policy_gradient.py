@@ -24,7 +24,7 @@ from mlatlas.rl import dynamic_programming as dp
 from mlatlas.rl import policy_gradient as pg
 from mlatlas.rl.gridworld import GridWorld
 from mlatlas.rl.monte_carlo import rollout
-from mlatlas.runtime import progress
+from mlatlas.runtime import progress, torch_threads
 
 
 @dataclass
@@ -60,16 +60,12 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     if smoke:
         cfg = replace(cfg, grid_iterations=min(cfg.grid_iterations, 20),
                       cartpole_steps=min(cfg.cartpole_steps, 1_500))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small nets, batch <= a few thousand rows: one thread is fastest
-    try:
+    with torch_threads(1):  # small nets, batch <= a few thousand rows: one thread is fastest
         rep = Report()
         if cfg.grid_iterations > 0:
             _gridworld(cfg, out, rep, smoke)
         _cartpole(cfg, out, rep, smoke)
         return rep
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- grid world

@@ -1,0 +1,62 @@
+"""Run-time switches: seeding, thread pinning, device choice, progress, machine info."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlatlas import runtime
+
+
+def test_seed_everything_is_reproducible_and_validates():
+    runtime.seed_everything(5)
+    a = torch.rand(3)
+    runtime.seed_everything(5)
+    torch.testing.assert_close(torch.rand(3), a, atol=0, rtol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            runtime.seed_everything(bad)
+
+
+def test_torch_threads_pins_and_restores():
+    before = torch.get_num_threads()
+    with runtime.torch_threads(1):
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # whatever happens inside …
+    assert torch.get_num_threads() == before  # … the old count comes back
+    with runtime.torch_threads(0):
+        assert torch.get_num_threads() == before
+
+
+def test_runner_restores_threads_after_an_experiment(fake_method, tmp_path, monkeypatch):
+    import fake_experiment
+
+    from mlatlas import runner
+
+    def pinning_run(cfg, out, *, smoke=False):
+        torch.set_num_threads(1)
+        return fake_experiment.run(cfg, out, smoke=smoke)
+
+    monkeypatch.setattr(runner.load_experiment("fake-method"), "run", pinning_run)
+    before = torch.get_num_threads()
+    with runtime.torch_threads(2):
+        runner.run_method("fake-method", out=tmp_path)
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+
+
+def test_choose_device_and_progress():
+    assert runtime.choose_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda', got 'tpu'"):
+        runtime.choose_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch.cuda.is_available"):
+            runtime.choose_device("cuda")
+    assert list(runtime.progress(range(4), enabled=False)) == [0, 1, 2, 3]
+    assert runtime.progress_enabled(smoke=True) is False
+
+
+def test_machine_info_and_versions():
+    info = runtime.machine_info()
+    assert info["cpu_count"] >= 1 and info["python"]
+    assert "torch" in runtime.versions()

@@ -27,7 +27,7 @@ def test_census_is_seeded_and_well_formed():
 
 
 def test_bench_reports_clearly_without_tensorflow(tmp_path, monkeypatch):
-    monkeypatch.setattr(tfrecord_experiment, "_load_tf", lambda: None)
+    monkeypatch.setattr(tfrecord_experiment, "load_tensorflow", lambda: None)
     cfg = dataclasses.replace(tfrecord_experiment.Config(), bench_records=50,
                               bench_repeats=1)
     rep = tfrecord_experiment.bench(cfg, tmp_path)

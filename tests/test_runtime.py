@@ -60,3 +60,28 @@ def test_machine_info_and_versions():
     info = runtime.machine_info()
     assert info["cpu_count"] >= 1 and info["python"]
     assert "torch" in runtime.versions()
+
+
+def test_deterministic_switches_torch_without_loading_inductor():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from mlatlas import runtime; runtime.deterministic(True); "
+            "assert torch.are_deterministic_algorithms_enabled(); "
+            "assert torch.is_deterministic_algorithms_warn_only_enabled(); "
+            "runtime.deterministic(False); assert not torch.are_deterministic_algorithms_enabled(); "
+            "print('torch._inductor.config' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the ≈3.5 s inductor import is skipped
+
+
+def test_deterministic_sets_inductor_flag_when_inductor_is_loaded():
+    import torch._inductor.config as inductor_config
+
+    before = (torch.are_deterministic_algorithms_enabled(), inductor_config.deterministic)
+    try:
+        runtime.deterministic(True)
+        assert inductor_config.deterministic is True
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        inductor_config.deterministic = before[1]

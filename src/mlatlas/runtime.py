@@ -59,10 +59,19 @@ def seed_everything(seed: int) -> None:
 
 
 def deterministic(enabled: bool = True) -> None:
-    """Ask torch for deterministic kernels (warns instead of failing where none exists)."""
+    """Ask torch for deterministic kernels (warns instead of failing where none exists).
+
+    Same switch as ``torch.use_deterministic_algorithms(enabled, warn_only=True)``, minus its
+    import of ``torch._inductor.config`` (≈ 3.5 s on 2 cores, for a flag that only
+    ``torch.compile`` reads; mlatlas never compiles). When inductor is already loaded, its
+    ``deterministic`` flag is set too, as torch would.
+    """
     import torch
 
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch._C._set_deterministic_algorithms(enabled, warn_only=True)
+    inductor_config = sys.modules.get("torch._inductor.config")
+    if inductor_config is not None:
+        inductor_config.deterministic = enabled
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = not enabled
         torch.backends.cudnn.deterministic = enabled

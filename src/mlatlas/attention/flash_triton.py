@@ -55,6 +55,28 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, n_q, n_k, VARLEN: tl.constexpr):
+    """Where sequence ``b`` starts and how long it is, in the queries and the keys.
+
+    Packed (varlen): rows ``cu[b] … cu[b+1]`` of batch row 0. Padded: all of batch row ``b``.
+    Returns ``(q0, len_q, k0, len_k, batch_row)``.
+    """
+    if VARLEN:  # constexpr: only one branch is compiled
+        q0 = tl.load(CU_Q + b)
+        len_q = tl.load(CU_Q + b + 1) - q0
+        k0 = tl.load(CU_K + b)
+        len_k = tl.load(CU_K + b + 1) - k0
+        row = 0
+    else:
+        q0 = 0
+        len_q = n_q
+        k0 = 0
+        len_k = n_k
+        row = b
+    return q0, len_q, k0, len_k, row
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sob, soh, son, sod, skpb, skpn,
@@ -67,18 +89,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G  # grouped-query heads share one k/v head
-    if VARLEN:
-        q0 = tl.load(CU_Q + b)
-        len_q = tl.load(CU_Q + b + 1) - q0
-        k0 = tl.load(CU_K + b)
-        len_k = tl.load(CU_K + b + 1) - k0
-        bb = 0
-    else:
-        q0 = 0
-        len_q = n_q
-        k0 = 0
-        len_k = n_k
-        bb = b
+    q0, len_q, k0, len_k, bb = _sequence_bounds(CU_Q, CU_K, b, n_q, n_k, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -165,18 +176,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
     pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: tensors > 2**31 elements
     b = pid_bh // HK
     hk = pid_bh % HK
-    if VARLEN:
-        q0 = tl.load(CU_Q + b)
-        len_q = tl.load(CU_Q + b + 1) - q0
-        k0 = tl.load(CU_K + b)
-        len_k = tl.load(CU_K + b + 1) - k0
-        bb = 0
-    else:
-        q0 = 0
-        len_q = n_q
-        k0 = 0
-        len_k = n_k
-        bb = b
+    q0, len_q, k0, len_k, bb = _sequence_bounds(CU_Q, CU_K, b, n_q, n_k, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= len_k:
         return
@@ -251,18 +251,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
-    if VARLEN:
-        q0 = tl.load(CU_Q + b)
-        len_q = tl.load(CU_Q + b + 1) - q0
-        k0 = tl.load(CU_K + b)
-        len_k = tl.load(CU_K + b + 1) - k0
-        bb = 0
-    else:
-        q0 = 0
-        len_q = n_q
-        k0 = 0
-        len_k = n_k
-        bb = b
+    q0, len_q, k0, len_k, bb = _sequence_bounds(CU_Q, CU_K, b, n_q, n_k, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
         return

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FEATURE_MAPS",
+    "HeadProjections",
     "LinearAttention",
     "LinearAttentionState",
     "get_feature_map",
@@ -292,7 +293,43 @@ class LinearAttentionState:
         return (num / _safe_den(den, self.eps).unsqueeze(-1)).to(q.dtype)  # eq. (10)
 
 
-class LinearAttention(nn.Module):
+class HeadProjections(nn.Module):
+    """Base of the multi-head layers: one fused q/k/v projection, the head split and merge.
+
+    Args:
+        d_model: Model width.
+        n_heads: Heads; must divide ``d_model``.
+
+    Attributes:
+        qkv: ``nn.Linear(d_model, 3 d_model)``.
+        out: ``nn.Linear(d_model, d_model)``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_heads", n_heads)
+        if d_model % n_heads:
+            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, "
+                             f"n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, N, d_model] → q, k, v`` each ``[B, H, N, d_model / H]``."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    @staticmethod
+    def merge_heads(o: Tensor) -> Tensor:
+        """``[B, H, N, E] → [B, N, H E]``."""
+        b, h, n, e = o.shape
+        return o.transpose(1, 2).reshape(b, n, h * e)
+
+
+class LinearAttention(HeadProjections):
     """Multi-head linear-attention layer: projections, :func:`linear_attention`, output.
 
     Args:
@@ -308,26 +345,13 @@ class LinearAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, causal: bool = False,
                  feature_map: str | FeatureMap = "elu+1", chunk_size: int = 64):
-        super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_heads", n_heads)
-        if d_model % n_heads:
-            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, "
-                             f"n_heads={n_heads}")
+        super().__init__(d_model, n_heads)
         get_feature_map(feature_map)
-        self.n_heads, self.causal, self.chunk_size = n_heads, causal, chunk_size
+        self.causal, self.chunk_size = causal, chunk_size
         self.feature_map = feature_map
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-
-    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``[B, N, d_model] → q, k, v`` each ``[B, H, N, d_model / H]``."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.split_heads(x)
         o = linear_attention(q, k, v, causal=self.causal, feature_map=self.feature_map,
                              chunk_size=self.chunk_size)
-        return self.out(o.transpose(1, 2).reshape(x.shape))
+        return self.out(self.merge_heads(o))

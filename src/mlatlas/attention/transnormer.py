@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mlatlas.attention.linear import (
     FeatureMap,
+    HeadProjections,
     LinearAttention,
     get_feature_map,
     linear_attention_features,
@@ -139,32 +140,7 @@ def _make_norm(norm: str, dim: int) -> nn.Module:
     return nn.RMSNorm(dim, eps=1e-6) if norm == "rmsnorm" else nn.LayerNorm(dim)
 
 
-class _HeadsMixin(nn.Module):
-    """Shared q/k/v projection and head split/merge."""
-
-    def _init_proj(self, d_model: int, n_heads: int) -> None:
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_heads", n_heads)
-        if d_model % n_heads:
-            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, "
-                             f"n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-
-    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``[B, N, d_model] → q, k, v`` each ``[B, H, N, d_model / H]``."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
-
-    @staticmethod
-    def merge_heads(o: Tensor) -> Tensor:
-        b, h, n, e = o.shape
-        return o.transpose(1, 2).reshape(b, n, h * e)
-
-
-class DiagAttention(_HeadsMixin):
+class DiagAttention(HeadProjections):
     """Multi-head DiagAttention layer (block-local softmax), for the lower layers.
 
     Shape: ``x [B, N, d_model] → [B, N, d_model]``.
@@ -172,8 +148,7 @@ class DiagAttention(_HeadsMixin):
 
     def __init__(self, d_model: int, n_heads: int, block_size: int = 64, *,
                  causal: bool = False):
-        super().__init__()
-        self._init_proj(d_model, n_heads)
+        super().__init__(d_model, n_heads)
         _check_positive_int("block_size", block_size)
         self.block_size, self.causal = block_size, causal
 
@@ -199,7 +174,7 @@ def _blocks_to_dense(probs: Tensor) -> Tensor:
     return dense
 
 
-class NormAttention(_HeadsMixin):
+class NormAttention(HeadProjections):
     """Multi-head NormAttention layer, for the higher layers.
 
     ``O = W_o · Norm(concat_h φ(Q_h) (φ(K_h)ᵀ V_h))``: linear attention without the scaling
@@ -219,8 +194,7 @@ class NormAttention(_HeadsMixin):
     def __init__(self, d_model: int, n_heads: int, *, causal: bool = False,
                  feature_map: str | FeatureMap = "elu+1", norm: str = "rmsnorm",
                  chunk_size: int = 64):
-        super().__init__()
-        self._init_proj(d_model, n_heads)
+        super().__init__(d_model, n_heads)
         get_feature_map(feature_map)
         self.causal, self.feature_map, self.chunk_size = causal, feature_map, chunk_size
         self.norm = _make_norm(norm, d_model)

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mlatlas.generative.rectified_flow import path_times
+
 __all__ = [
     "CNF",
     "VelocityFn",
@@ -354,19 +356,9 @@ def ot_path(x0: Tensor, x1: Tensor, t: Tensor, sigma_min: float = 1e-4) -> tuple
     Returns:
         ``(x_t, u_t)``, both ``[B, ...]``.
     """
-    _check_x(x0, "x0")
-    _check_x(x1, "x1")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and "
-                         f"{tuple(x1.shape)}")
-    if not isinstance(t, Tensor) or t.shape != (x0.shape[0],):
-        raise ValueError(f"t must be a tensor of shape [{x0.shape[0]}], got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if bool(((t < 0) | (t > 1)).any()):
-        raise ValueError(f"t must lie in [0, 1], got values in [{t.min():.4g}, {t.max():.4g}]")
+    tb = path_times(x0, x1, t)
     if not 0 <= sigma_min < 1:
         raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min!r}")
-    tb = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0)
     # Lipman et al. eq. (22): ψ_t(x0) = (1 - (1 - σ_min) t) x0 + t x1
     xt = (1 - (1 - sigma_min) * tb) * x0 + tb * x1
     # eq. (23): u_t = x1 - (1 - σ_min) x0

@@ -40,6 +40,7 @@ from mlatlas.generative.flow_match_scheduler import FlowMatchEulerDiscreteSchedu
 __all__ = [
     "FlowMatchEulerDiscreteScheduler",
     "interpolate",
+    "path_times",
     "rectified_flow_loss",
     "reflow_couplings",
     "sample_euler",
@@ -74,16 +75,20 @@ def _velocity(model: VelocityFn, x: Tensor, t: float) -> Tensor:
     return v
 
 
-def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
-    """The straight path ``x_t = t x1 + (1 − t) x0``.
+def path_times(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """Check the inputs of a path between noise and data; return ``t`` shaped to broadcast.
 
     Args:
-        x0: ``[B, ...]`` noise.
-        x1: ``[B, ...]`` data.
+        x0: ``[B, ...]`` float noise.
+        x1: ``[B, ...]`` float data, the shape of ``x0``.
         t: ``[B]`` times in ``[0, 1]``.
 
     Returns:
-        ``[B, ...]``.
+        ``[B, 1, ..., 1]`` times in the dtype of ``x0``.
+
+    Raises:
+        TypeError: ``x0``/``x1`` not float tensors.
+        ValueError: shapes that differ, ``t`` not ``[B]``, times outside ``[0, 1]`` or NaN.
     """
     _check_x(x0, "x0")
     _check_x(x1, "x1")
@@ -95,7 +100,21 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     if bool(((t < 0) | (t > 1)).any()) or bool(t.isnan().any()):
         raise ValueError(f"t must lie in [0, 1], got values in [{t.min():.4g}, {t.max():.4g}]")
-    tb = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0)
+    return t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0)
+
+
+def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """The straight path ``x_t = t x1 + (1 − t) x0``.
+
+    Args:
+        x0: ``[B, ...]`` noise.
+        x1: ``[B, ...]`` data.
+        t: ``[B]`` times in ``[0, 1]``.
+
+    Returns:
+        ``[B, ...]``.
+    """
+    tb = path_times(x0, x1, t)
     # eq. (1): X_t = t X_1 + (1 - t) X_0
     return tb * x1 + (1 - tb) * x0
 

@@ -11,13 +11,12 @@ import pytest
 
 from mlatlas.features.tfrecord import (
     CorruptRecordError,
-    RecordIndex,
     TFRecordWriter,
     frame_record,
     masked_crc32c,
-    read_record_at,
     read_records,
 )
+from mlatlas.features.tfrecord_index import RecordIndex, read_record_at
 
 
 @pytest.fixture(scope="module")

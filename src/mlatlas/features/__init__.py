@@ -3,8 +3,9 @@
 Names are exported lazily, so ``from mlatlas.features.tfrecord import read_records`` does not
 import torch:
 
-- :mod:`~mlatlas.features.tfrecord`: ``TFRecordWriter``, ``read_records``, ``RecordIndex``,
+- :mod:`~mlatlas.features.tfrecord`: ``TFRecordWriter``, ``read_records``,
   ``CorruptRecordError``
+- :mod:`~mlatlas.features.tfrecord_index`: ``RecordIndex``, ``read_record_at``
 - :mod:`~mlatlas.features.example`: ``encode_example``, ``decode_example``,
   ``FixedLenFeature``, ``VarLenFeature``, ``(en|de)code_sequence_example``
 - :mod:`~mlatlas.features.dataset`: ``TFRecordDataset``, ``collate_examples``
@@ -18,8 +19,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "tfrecord": ("CorruptRecordError", "RecordIndex", "RecordReader", "TFRecordWriter",
-                 "masked_crc32c", "read_record_at", "read_records"),
+    "tfrecord": ("CorruptRecordError", "RecordReader", "TFRecordWriter", "masked_crc32c",
+                 "read_records"),
+    "tfrecord_index": ("RecordIndex", "read_record_at"),
     "example": ("ExampleDecodeError", "FixedLenFeature", "VarLenFeature", "decode_example",
                 "decode_sequence_example", "encode_example", "encode_sequence_example"),
     "dataset": ("TFRecordDataset", "collate_examples"),

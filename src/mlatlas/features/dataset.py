@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mlatlas.features.example import Schema, decode_example
-from mlatlas.features.tfrecord import RecordIndex, RecordReader
+from mlatlas.features.tfrecord import RecordReader
+from mlatlas.features.tfrecord_index import RecordIndex
 
 __all__ = ["TFRecordDataset", "collate_examples"]
 

@@ -30,15 +30,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mlatlas.generative.ddpm import (
+from mlatlas.generative.ddpm import denoise, predict_x0_eps
+from mlatlas.generative.noise_schedule import (
     PREDICTION_TYPES,
     SPACINGS,
     NoiseSchedule,
     SchedulerOutput,
-    _randn,
-    denoise,
     inference_timesteps,
-    predict_x0_eps,
+    randn_like_diffusers,
 )
 
 __all__ = ["DDIMInverseScheduler", "DDIMScheduler", "ddim_invert", "ddim_sample"]
@@ -187,7 +186,7 @@ class DDIMScheduler(_DDIMBase):
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass either generator or variance_noise, not both")
             if variance_noise is None:
-                variance_noise = _randn(model_output.shape, generator, model_output)
+                variance_noise = randn_like_diffusers(model_output.shape, generator, model_output)
             elif variance_noise.shape != sample.shape:
                 raise ValueError(f"variance_noise must have the shape of sample "
                                  f"{tuple(sample.shape)}, got {tuple(variance_noise.shape)}")

@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mlatlas.generative.ddpm import NoiseSchedule, _randn
 from mlatlas.generative.networks import SinusoidalTimeEmbedding
+from mlatlas.generative.noise_schedule import NoiseSchedule, randn_like_diffusers
 
 __all__ = [
     "NoisyClassifier",
@@ -88,7 +88,7 @@ def noisy_classifier_loss(classifier: nn.Module, x0: Tensor, y: Tensor, schedule
         generator: Source of t and ε.
     """
     t = schedule.sample_timesteps(x0.shape[0], generator).to(x0.device)
-    x_t = schedule.add_noise(x0, _randn(x0.shape, generator, x0), t)
+    x_t = schedule.add_noise(x0, randn_like_diffusers(x0.shape, generator, x0), t)
     return nn.functional.cross_entropy(classifier(x_t, schedule.normalized(t)), y)
 
 
@@ -119,7 +119,7 @@ def cfg_loss(model: nn.Module, x0: Tensor, y: Tensor, schedule: NoiseSchedule,
     """
     y_in = drop_labels(y, p_uncond, model.num_classes, generator)
     t = schedule.sample_timesteps(x0.shape[0], generator).to(x0.device)
-    eps = _randn(x0.shape, generator, x0)
+    eps = randn_like_diffusers(x0.shape, generator, x0)
     x_t = schedule.add_noise(x0, eps, t)
     return nn.functional.mse_loss(model(x_t, schedule.normalized(t), y_in), eps)
 

@@ -276,3 +276,17 @@ def test_bad_flash_arguments():
     with pytest.raises(ValueError, match=r"same number of sequences, got 2 and 1"):
         flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 4, 10]),
                         cu_seqlens_k=torch.tensor([0, 10]))
+
+
+def test_bench_reports_the_memory_claim_at_small_sizes(tmp_path):
+    from mlatlas.experiments.attention import flash_attention as exp
+
+    cfg = exp.Config(bench_mem_lengths=(64, 256), claim_len=256, bench_time_lengths=(64,),
+                     repeats=1, block=32)
+    rep = exp.bench(cfg, tmp_path)
+    (claim,) = rep.claims
+    assert "N=256" in claim.name and claim.target == 0.1
+    metrics = dict(rep.metrics)
+    assert claim.measured == pytest.approx(metrics["memory ratio ours / SDPA math, N=256"])
+    assert 0 < claim.measured < 1  # tiled: less than the materialised N×N at N=256
+    assert (tmp_path / "bench_memory.png").exists() and (tmp_path / "bench_time.png").exists()

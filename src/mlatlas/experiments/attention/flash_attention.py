@@ -302,6 +302,11 @@ def bench(cfg: Config, out: Path) -> Report:
             mem[name].append(m["fwd_bwd"] / 2**20)
             rep.metric(f"peak MiB fwd+bwd, {name}, N={n}", m["fwd_bwd"] / 2**20)
         rep.metric(f"memory ratio ours / SDPA math, N={n}", mem["ours"][-1] / mem["SDPA math"][-1])
+        if n == cfg.claim_len:
+            rep.claim(f"peak memory ours / materialised (SDPA math) at N={n} (fwd+bwd)",
+                      mem["ours"][-1] / mem["SDPA math"][-1], 0.1, "<=",
+                      detail=f"{mem['ours'][-1]:.1f} MiB vs {mem['SDPA math'][-1]:.0f} MiB; "
+                             f"B=H=1, D={cfg.head_dim}, fp32")
     with figure(out / "bench_memory.png") as (_, ax):
         curves(ax, mem, x=list(cfg.bench_mem_lengths), xlabel="N", ylabel="peak MiB fwd+bwd",
                logx=True, logy=True, title="CPU peak memory, B=H=1")

@@ -124,3 +124,11 @@ def test_bad_arguments(tmp_path):
         TFRecordDataset(paths, rank=2, world_size=2)
     with pytest.raises(ValueError, match="at least one"):
         TFRecordDataset([])
+    with pytest.raises(ValueError, match="pass both rank and world_size, or neither"):
+        TFRecordDataset(paths, rank=0)
+    with pytest.raises(ValueError, match=r"consumer must be in \[0, 3\), got 3"):
+        TFRecordDataset(paths).plan(3, 3)
+    (tmp_path / "gz").mkdir()
+    gz, _ = _shards(tmp_path / "gz", "gzip")
+    with pytest.raises(TypeError, match=r"len\(\) of a compressed TFRecordDataset"):
+        len(TFRecordDataset(gz, compression="gzip"))

@@ -94,10 +94,13 @@ def test_our_bytes_parse_in_tf(tf):
         "weights": tf.io.VarLenFeature(tf.float32),
         "words": tf.io.VarLenFeature(tf.string),
         "name": tf.io.FixedLenFeature([], tf.string),
+        "flags": tf.io.FixedLenFeature([3], tf.int64),
+        "none": tf.io.VarLenFeature(tf.int64),
         "missing": tf.io.FixedLenFeature([2], tf.float32, default_value=[1.5, -2.0]),
     }
     theirs = tf.io.parse_single_example(data, spec)
     ours = decode_example(data, SCHEMA)
+    assert set(theirs) == set(ours) == set(SCHEMA)  # every schema entry compared with TF
     for key, value in theirs.items():
         value = value.values if isinstance(value, tf.SparseTensor) else value
         np.testing.assert_array_equal(value.numpy(), ours[key], err_msg=key)
@@ -163,6 +166,25 @@ def test_schema_errors_name_the_feature():
         decode_example("text")
     with pytest.raises(ValueError, match="backend must be"):
         decode_example(data, backend="jax")
+    with pytest.raises(ValueError, match="'big': 9223372036854775808 is outside the int64"):
+        encode_example({"big": 2**63})
+    with pytest.raises(ValueError, match="'u': unsigned value exceeds the int64 range"):
+        encode_example({"u": np.array([2**63], np.uint64)})
+    with pytest.raises(TypeError, match="feature names must be str, got 3"):
+        encode_example({3: [1]})
+    with pytest.raises(TypeError, match="features must be a mapping"):
+        encode_example([("x", 1)])
+    with pytest.raises(ValueError, match=r"shape must be non-negative, got \(2, -1\)"):
+        FixedLenFeature((2, -1), "int64")
+    with pytest.raises(ValueError, match=r"'d': default_value of shape \(3,\) does not fit "
+                       r"shape \(2,\)"):
+        decode_example(data, {"d": FixedLenFeature((2,), "float32", default_value=[1, 2, 3])})
+    with pytest.raises(TypeError, match=r"schema\['x'\] must be a FixedLenFeature or "
+                       "VarLenFeature, got dict"):
+        decode_example(data, {"x": {"dtype": "float32"}})
+    with pytest.raises(ExampleDecodeError, match=r"'x\[0\]': 2 values, expected 3"):
+        decode_sequence_example(encode_sequence_example({}, {"x": [[1.0, 2.0]]}), None,
+                                {"x": FixedLenFeature((3,), "float32")})
 
 
 def test_generated_module_is_current(tmp_path):

@@ -187,12 +187,49 @@ def test_dense_inputs_with_missing_markers(tf):
     with tf.GradientTape() as tape:
         out_tf = tf.compat.v1.feature_column.input_layer(
             {k: tf.constant(v) for k, v in feats.items()}, cols(tf.feature_column))
+        r = tf.constant(np.random.default_rng(3).normal(size=out_tf.shape).astype(np.float32))
+        loss = tf.reduce_sum(out_tf * r)
     (w,) = tape.watched_variables()
+    g_tf = tf.convert_to_tensor(tape.gradient(loss, w)).numpy()
     layer = F.FeatureLayer(cols(F))
-    layer.load_state_dict({"embeddings.i_embedding": torch.from_numpy(w.numpy())})
-    torch.testing.assert_close(layer(feats), torch.from_numpy(out_tf.numpy()), atol=ATOL,
-                               rtol=RTOL)
-    torch.testing.assert_close(layer(feats), layer({"s": torch.zeros(0)} | feats))
+    # explicit key map: ours -> TF variable
+    assert re.sub(r"^input_layer(_\d+)?/", "", w.name) == "i_embedding/embedding_weights:0"
+    layer.load_state_dict({"embeddings.i_embedding": torch.from_numpy(w.numpy())}, strict=True)
+    out = layer(feats)
+    torch.testing.assert_close(out, torch.from_numpy(out_tf.numpy()), atol=ATOL, rtol=RTOL)
+    # backward: example 1 has no id left (-1 cells dropped) and gets no gradient, as in TF
+    (out * torch.from_numpy(r.numpy())).sum().backward()
+    torch.testing.assert_close(layer.embeddings["i_embedding"].grad, torch.from_numpy(g_tf),
+                               atol=ATOL, rtol=RTOL)
+    # features no column uses are ignored
+    torch.testing.assert_close(layer(feats | {"unused": torch.zeros(0)}), out.detach(),
+                               atol=0, rtol=0)
+
+
+def test_int_vocabulary_oov_buckets_and_bucket_edges_match_tf(tf):
+    """Not in CASES: int ids hashed into OOV buckets (as their decimal text), crossed; and
+    bucketize on +-inf, NaN and values exactly on a boundary."""
+    ints = [[4, 100, -7], [], [1, 7, 123456789012], [2**40], [7]]
+    j = [["a"], ["b", "c"], [], ["d"], ["a", "a"]]
+    x = np.array([[np.inf], [-np.inf], [2.5], [-1.0], [np.nan]], np.float32)
+
+    def cols(m, dtype):
+        v = m.categorical_column_with_vocabulary_list("i", [4, 1, 7], dtype=dtype,
+                                                      num_oov_buckets=5)
+        return [m.indicator_column(v), m.indicator_column(m.crossed_column([v, "j"], 11)),
+                m.bucketized_column(m.numeric_column("x"), [-1.0, 0.0, 2.5])]
+
+    def sparse(rows, dtype):
+        idx = np.array([[b, k] for b, r in enumerate(rows) for k in range(len(r))], np.int64)
+        return tf.sparse.SparseTensor(idx, tf.constant([v for r in rows for v in r], dtype),
+                                      [len(rows), max(len(r) for r in rows)])
+
+    out_tf = tf.compat.v1.feature_column.input_layer(
+        {"i": sparse(ints, tf.int64), "j": sparse(j, tf.string), "x": tf.constant(x)},
+        cols(tf.feature_column, tf.int64))
+    out = F.FeatureLayer(cols(F, "int64"))({"i": ints, "j": j, "x": x})
+    assert out.shape == (5, 8 + 11 + 4)
+    torch.testing.assert_close(out, torch.from_numpy(out_tf.numpy()), atol=0, rtol=0)
 
 
 def test_fingerprint64_matches_tf(tf):

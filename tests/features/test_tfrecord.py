@@ -11,6 +11,7 @@ import pytest
 
 from mlatlas.features.tfrecord import (
     CorruptRecordError,
+    RecordReader,
     TFRecordWriter,
     frame_record,
     masked_crc32c,
@@ -73,6 +74,49 @@ def test_roundtrip_and_random_access(tmp_path, compression):
         np.testing.assert_array_equal(again.lengths, idx.lengths)
         with pytest.raises(IndexError, match="out of range"):
             idx.read(len(recs))
+
+
+def test_index_matches_the_framing_and_dali_layout(tmp_path):
+    recs = _records(23, seed=4)
+    path = tmp_path / "d.tfrecord"
+    _write(path, recs)
+    idx = RecordIndex.build(path)
+    # offsets/lengths from the framing rule (16 + n bytes per record), not from the reader
+    np.testing.assert_array_equal(idx.offsets, _offsets(recs))
+    np.testing.assert_array_equal(idx.lengths, [len(r) for r in recs])
+    idx.save(tmp_path / "d.idx")
+    want = "".join(f"{o} {16 + len(r)}\n" for o, r in zip(_offsets(recs), recs))
+    assert (tmp_path / "d.idx").read_text() == want  # DALI tfrecord2idx: "offset size"
+    assert [idx.read(i) for i in range(-len(recs), 0)] == recs
+
+
+def test_index_and_reader_bad_input(tmp_path):
+    path = tmp_path / "b.tfrecord"
+    recs = _records(4)
+    _write(path, recs)
+    (tmp_path / "three.idx").write_text("0 16 7\n")
+    with pytest.raises(ValueError, match="three.idx: expected 'offset size' per line"):
+        RecordIndex.load(tmp_path / "three.idx", path)
+    (tmp_path / "small.idx").write_text("0 15\n")
+    with pytest.raises(ValueError, match="small.idx: a record size is below the 16-byte"):
+        RecordIndex.load(tmp_path / "small.idx", path)
+    with pytest.raises(IndexError, match=r"record -5 out of range for .*b\.tfrecord with 4"):
+        RecordIndex.build(path).read(-5)
+    size = path.stat().st_size
+    with pytest.raises(CorruptRecordError, match=f"record 9 at byte offset {size}: no record "
+                       "starts here"):
+        read_record_at(path, size, record=9)
+    with pytest.raises(CorruptRecordError, match="record 0 at byte offset 1: length checksum"):
+        read_record_at(path, 1)  # not a header: its checksum does not hold
+    with pytest.raises(ValueError, match="start_offset needs an uncompressed file"):
+        list(RecordReader(path, compression="gzip", start_offset=16))
+    with pytest.raises(ValueError, match="must be >= 0, got -1, 0, None"):
+        RecordReader(path, start_offset=-1)
+    w = TFRecordWriter(tmp_path / "c")
+    w.close()
+    w.close()  # idempotent
+    with pytest.raises(ValueError, match="TFRecordWriter for .*c is closed"):
+        w.write(b"x")
 
 
 def test_empty_file_and_bad_arguments(tmp_path):

@@ -196,3 +196,47 @@ def test_bad_input():
         DDIMInverseScheduler(timestep_spacing="linspace")
     with pytest.raises(ValueError, match="eta must be >= 0"):
         ddim_sample(_fake_eps, s, x, eta=-1.0)
+
+
+@pytest.mark.parametrize("spacing,prediction", [("leading", "v_prediction"),
+                                                ("trailing", "sample")])
+def test_inverse_parity_clipped_and_final_alpha(reference, spacing, prediction):
+    # clip_sample=True, set_alpha_to_one=False (the first inversion step starts from ᾱ_0) and
+    # the non-ε parametrisations, on a [2, 3, 5, 3] batch and a step count that divides nothing
+    diffusers = reference("diffusers")
+    kw = dict(timestep_spacing=spacing, clip_sample=True, set_alpha_to_one=False,
+              prediction_type=prediction, steps_offset=1 if spacing == "leading" else 0)
+    ours, ref = DDIMInverseScheduler(1000, **kw), diffusers.DDIMInverseScheduler(1000, **kw)
+    ours.set_timesteps(27)
+    ref.set_timesteps(27)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, atol=0, rtol=0)
+    x = torch.randn(2, 3, 5, 3, generator=torch.Generator().manual_seed(3)) * 1.2
+    xr = x.clone()
+    for t in ref.timesteps:
+        out = _fake_eps(x, t)
+        a, b = ours.step(out, t, x), ref.step(out.clone(), t, xr)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample,
+                                   atol=ATOL, rtol=1e-6)
+        x, xr = a.prev_sample, b.prev_sample
+
+
+def test_more_bad_input():
+    s = DDIMScheduler(1000)
+    s.set_timesteps(10)
+    x = torch.zeros(2, 3)
+    # σ_t(η)² > 1 − ᾱ_prev: diffusers would return NaN here, we refuse
+    with pytest.raises(ValueError, match="eta=5.0 is too large at timestep 900"):
+        s.step(x, 900, x, eta=5.0)
+    with pytest.raises(ValueError, match=r"variance_noise must have the shape of sample \(2, 3\)"):
+        s.step(x, 900, x, eta=0.5, variance_noise=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DDIMScheduler(prediction_type="score")
+    inv = DDIMInverseScheduler(1000)
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        inv.step(x, 99, x)
+    inv.set_timesteps(10)
+    with pytest.raises(ValueError, match="timestep 99 is not in the schedule"):
+        inv.step(x, 99, x)
+    with pytest.raises(ValueError, match=r"model_output must have the shape of sample"):
+        inv.step(torch.zeros(2, 4), 100, x)

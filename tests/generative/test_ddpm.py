@@ -186,3 +186,23 @@ def test_bad_input():
         sched.add_noise(x, x, torch.tensor([0, 1000]))
     with pytest.raises(ValueError, match="noise must have the shape"):
         sched.add_noise(x, torch.zeros(2, 2), torch.tensor([0, 1]))
+
+
+def test_more_bad_input():
+    sched = DDPMScheduler(1000)
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"timestep must lie in \[0, 1000\), got -1"):
+        sched.step(x, -1, x)
+    with pytest.raises(TypeError, match="timestep must be an integer, got 10.5"):
+        sched.step(x, 10.5, x)
+    with pytest.raises(ValueError, match="timestep must be one integer"):
+        sched.step(x, torch.tensor([10, 20]), x)
+    # "leading" with n = T puts the last timestep at T − 1; an offset pushes it out
+    with pytest.raises(ValueError, match=r"steps_offset=1 pushes timesteps outside \[0, 1000\)"):
+        DDPMScheduler(1000, steps_offset=1).set_timesteps(1000)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DDPMScheduler(prediction_type="score")
+    with pytest.raises(ValueError, match="timestep_spacing must be one of"):
+        DDPMScheduler(timestep_spacing="karras")
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int"):
+        make_betas(0)

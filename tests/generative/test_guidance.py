@@ -140,3 +140,77 @@ def test_bad_input():
         clf(torch.zeros(3, 3), torch.rand(3))
     with pytest.raises(ValueError, match=r"p_uncond must lie in \[0, 1\]"):
         drop_labels(y, 1.5, 3)
+
+
+class _Recorder(torch.nn.Module):
+    """A network whose output depends on x, t and y in a known way (and has a parameter)."""
+
+    num_classes = 7
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x, t, y):
+        return self.w * x * t[:, None] + 0.01 * y[:, None].to(x)
+
+
+def test_cfg_loss_is_the_simple_objective_with_dropped_labels():
+    # reference: the same draws by hand, in cfg_loss's order (dropout mask, t, ε)
+    sched = NoiseSchedule(50)
+    x0 = torch.randn(13, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(13) % 7
+    net = _Recorder()
+    loss = cfg_loss(net, x0, y, sched, torch.Generator().manual_seed(3), p_uncond=0.4)
+    g = torch.Generator().manual_seed(3)
+    drop = torch.rand(13, generator=g) < 0.4
+    assert 0 < int(drop.sum()) < 13  # both branches are exercised by this seed
+    y_in = torch.where(drop, torch.full_like(y, 7), y)  # 7 = the null label
+    t = torch.randint(0, 50, (13,), generator=g)
+    eps = torch.randn(13, 3, generator=g)
+    ab = sched.alphas_cumprod[t][:, None]
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    pred = 0.7 * xt * (t[:, None] / 50) + 0.01 * y_in[:, None]
+    torch.testing.assert_close(loss, ((pred - eps) ** 2).mean(), atol=1e-6, rtol=1e-6)
+    # backward: d loss / d w = mean(2 (pred − ε) · xt t/T)
+    (gw,) = torch.autograd.grad(loss, net.w)
+    torch.testing.assert_close(gw, (2 * (pred - eps) * xt * (t[:, None] / 50)).mean(),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_noisy_classifier_loss_is_cross_entropy_on_noisy_samples():
+    sched = NoiseSchedule(40)
+    x0 = torch.randn(11, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(11) % 3
+    w = torch.tensor([[1.0, -0.5], [0.3, 0.8], [-1.2, 0.1]])
+
+    class Lin(torch.nn.Module):
+        def forward(self, x, t):
+            return x @ w.T * (1 + t[:, None])
+
+    loss = noisy_classifier_loss(Lin(), x0, y, sched, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    t = torch.randint(0, 40, (11,), generator=g)
+    eps = torch.randn(11, 2, generator=g)
+    ab = sched.alphas_cumprod[t][:, None]
+    logits = ((ab.sqrt() * x0 + (1 - ab).sqrt() * eps) @ w.T) * (1 + t[:, None] / 40)
+    # cross-entropy written out: −log softmax(logits)_y, averaged
+    ref = -(logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, 1)).mean()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_classifier_guidance_bad_input():
+    clf = NoisyClassifier(2, 3, hidden=8, depth=1, time_dim=8)
+    with pytest.raises(ValueError, match=r"y must hold labels in \[0, 3\)"):
+        classifier_guidance(lambda x, t: x, clf, torch.tensor([0, 3]), 1.0, NoiseSchedule(10))
+    fn = classifier_guidance(lambda x, t: x, clf, torch.tensor([0, 1, 2]), 1.0,
+                             NoiseSchedule(10))
+    with pytest.raises(ValueError, match="x has batch 2 but y has 3 labels"):
+        fn(torch.zeros(2, 2), torch.tensor(3))
+    for bad in (-1, 10):  # ᾱ of the last step (t = -1) or an IndexError, before the check
+        with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 10\), got values in "):
+            fn(torch.zeros(3, 2), torch.tensor(bad))
+    with pytest.raises(TypeError, match="timesteps must be integers"):
+        fn(torch.zeros(3, 2), torch.tensor(2.5))
+    with pytest.raises(ValueError, match="timestep must be one integer, got 2 values"):
+        fn(torch.zeros(3, 2), torch.tensor([1, 2]))

@@ -121,3 +121,68 @@ def test_bad_input():
         M.mmd_rbf(torch.zeros(5, 2), torch.ones(5, 2), bandwidths=(0.0,))
     with pytest.raises(ValueError, match="p must be 1 or 2"):
         M.sliced_wasserstein(torch.zeros(5, 2), torch.ones(5, 2), p=3)
+
+
+def test_knn_entropy_matches_the_kozachenko_leonenko_formula(reference):
+    spatial, special = reference("scipy.spatial"), reference("scipy.special")
+    x = torch.randn(301, 3, generator=_gen(7), dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.0, 0.0], [0.4, 0.7, 0.0], [-0.2, 0.3, 1.5]], dtype=torch.float64)
+    for k in (1, 3, 5):
+        # reference: scipy k-d tree (k+1 neighbours: the first is the point itself)
+        dist, _ = spatial.cKDTree(x.numpy()).query(x.numpy(), k=k + 1)
+        n, d = x.shape
+        log_vd = d / 2 * math.log(math.pi) - special.gammaln(d / 2 + 1)
+        ref = special.digamma(n) - special.digamma(k) + log_vd + d * np.log(dist[:, k]).mean()
+        assert M.knn_entropy(x, k) == pytest.approx(float(ref), abs=1e-10)
+
+
+def test_knn_entropy_of_a_gaussian_is_its_differential_entropy():
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+    x = torch.randn(3000, 2, generator=_gen(8), dtype=torch.float64) @ torch.linalg.cholesky(
+        cov).T
+    exact = 0.5 * math.log((2 * math.pi * math.e) ** 2 * float(torch.linalg.det(cov)))
+    # consistent estimator: Monte-Carlo std ≈ sqrt(Var log p / n) = sqrt(1/3000) ≈ 0.018
+    assert M.knn_entropy(x, 3) == pytest.approx(exact, abs=0.08)
+    # a collapse onto a line lowers the entropy by a lot
+    assert M.knn_entropy(torch.stack([x[:, 0], 2 * x[:, 0]], 1), 3) < exact - 2
+
+
+def test_unbiased_energy_distance_is_the_u_statistic():
+    x = torch.randn(17, 3, generator=_gen(1), dtype=torch.float64)
+    y = torch.randn(23, 3, generator=_gen(2), dtype=torch.float64) + 0.3
+    dxy = sum(float((x[i] - y[j]).norm()) for i in range(17) for j in range(23)) / (17 * 23)
+    dxx = sum(float((x[i] - x[j]).norm()) for i in range(17) for j in range(17)
+              if i != j) / (17 * 16)
+    dyy = sum(float((y[i] - y[j]).norm()) for i in range(23) for j in range(23)
+              if i != j) / (23 * 22)
+    assert M.energy_distance(x, y) == pytest.approx(2 * dxy - dxx - dyy, rel=1e-10)
+
+
+def test_sliced_wasserstein_in_2d_equals_brute_force_per_direction():
+    # unequal, non-dividing sizes in 2-D: per direction θ the exact 1-D W₂² of the projections
+    x = torch.randn(23, 2, generator=_gen(1), dtype=torch.float64)
+    y = torch.randn(31, 2, generator=_gen(2), dtype=torch.float64) * 1.5 + 0.2
+    theta = torch.randn(2, 5, generator=_gen(9), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)  # the directions sliced_wasserstein draws
+    w2 = []
+    for j in range(5):
+        xs = np.sort(np.repeat((x @ theta[:, j]).numpy(), 31))
+        ys = np.sort(np.repeat((y @ theta[:, j]).numpy(), 23))
+        w2.append(np.mean((xs - ys) ** 2))
+    ref = math.sqrt(float(np.mean(w2)))
+    assert M.sliced_wasserstein(x, y, 5, generator=_gen(9)) == pytest.approx(ref, rel=1e-12)
+
+
+def test_more_bad_input():
+    with pytest.raises(ValueError, match=r"k must lie in \[1, n\) = \[1, 5\), got 5"):
+        M.knn_entropy(torch.randn(5, 2), 5)
+    with pytest.raises(ValueError, match="repeats must be >= 2"):
+        M.sw_noise_floor(lambda n, g: torch.randn(n, 2, generator=g), 10, torch.randn(20, 2),
+                         repeats=1)
+    with pytest.raises(ValueError, match="n_projections must be >= 1"):
+        M.sliced_wasserstein(torch.zeros(5, 2), torch.ones(5, 2), n_projections=0)
+    ref = M.SlicedWassersteinReference(torch.randn(20, 2), n_projections=4)
+    with pytest.raises(ValueError, match="x must have dimension 2, got 3"):
+        ref(torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"y must have shape \[4\], got \(3,\)"):
+        M.class_accuracy(torch.nn.Identity(), torch.randn(4, 10), torch.zeros(3, dtype=torch.long))

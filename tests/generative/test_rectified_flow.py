@@ -219,3 +219,43 @@ def test_bad_input_raises_clear_errors():
         sched.step(x, torch.tensor(123.5), x)
     with pytest.raises(ValueError, match="shift must be positive"):
         FlowMatchEulerDiscreteScheduler(shift=0.0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_match_partial_sampling_with_begin_index_matches_diffusers(reference, shift):
+    # img2img-style: noise data to the 4th sigma with scale_noise, then step from there
+    diffusers = reference("diffusers")
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    ours = FlowMatchEulerDiscreteScheduler(shift=shift)
+    gen = torch.Generator().manual_seed(2)
+    data, z = torch.randn(3, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    outs = []
+    for sched in (ref, ours):
+        sched.set_timesteps(11)
+        sched.set_begin_index(3)
+        x = sched.scale_noise(data, sched.timesteps[3:4].repeat(3), z)
+        first = x.clone()
+        for t in sched.timesteps[3:]:
+            x = sched.step(_field(x, t / 1000), t, x)[0]
+        outs.append((first, x, sched.step_index))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5)
+    assert outs[1][2] == outs[0][2] == 11
+
+
+def test_flow_match_schedule_bookkeeping_errors():
+    x = torch.zeros(2, 3)
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(2)
+    for t in sched.timesteps:
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match=r"step\(\) called 3 times for 2 timesteps"):
+        sched.step(x, sched.timesteps[-1], x)
+    sched.set_timesteps(2)  # a new schedule resets the step index
+    assert sched.step_index is None
+    with pytest.raises(ValueError, match="sigmas must have num_inference_steps=3 entries, got 2"):
+        sched.set_timesteps(3, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match=r"noise must have the shape of sample \(2, 3\)"):
+        sched.scale_noise(x, sched.timesteps[:2], torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int"):
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=0)

@@ -296,3 +296,26 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 9\]"):
         sched.add_noise(x, x, torch.tensor([0, 1, 2, 10]))
     assert math.isfinite(float(sched.sigmas[0]))
+
+
+def test_more_bad_input():
+    sched = ScoreSdeVeScheduler()
+    sched.set_timesteps(10)
+    sched.set_sigmas(10)
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"model_output must have the shape of sample \(4, 2\)"):
+        sched.step_correct(torch.zeros(4, 3), x)
+    with pytest.raises(TypeError, match="sample must be a float tensor"):
+        sched.step_correct(x, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"timesteps must be an int tensor \[4\]"):
+        sched.add_noise(x, x, torch.tensor([0.5, 0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match=r"noise must have the shape of original_samples"):
+        sched.add_noise(x, torch.zeros(4, 3), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="snr must be positive"):
+        ScoreSdeVeScheduler(snr=0.0)
+    with pytest.raises(ValueError, match=r"sampling_eps must be in \(0, 1\)"):
+        ScoreSdeVeScheduler(sampling_eps=1.0)
+    with pytest.raises(ValueError, match="corrector_steps must be a non-negative int"):
+        reverse_sde_sample(lambda a, t: a, VPSDE(), x, 3, corrector_steps=-1)
+    with pytest.raises(ValueError, match=r"score_fn output must have the shape of x \(4, 2\)"):
+        reverse_sde_sample(lambda a, t: a[:, :1], VPSDE(), x, 3)

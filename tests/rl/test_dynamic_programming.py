@@ -92,11 +92,28 @@ def test_three_control_algorithms_agree(name):
                                    rtol=0)
 
 
+def _numpy_value_iteration(world: GridWorld, tol: float) -> tuple[np.ndarray, list[float]]:
+    """v <- max_a (R + gamma P v) from v = 0 in numpy, stopping when the sup-norm step <= tol."""
+    P, R = world.P.numpy(), world.R.numpy()
+    v, history = np.zeros(world.n_states), []
+    while True:
+        v_next = (R + world.gamma * P @ v).max(-1)
+        history.append(float(np.abs(v_next - v).max()))
+        v = v_next
+        if history[-1] <= tol:
+            return v, history
+
+
 def test_truncated_pi_special_cases_and_history():
     w = GridWorld.example()
     vi, tpi1 = dp.value_iteration(w), dp.truncated_policy_iteration(w, 1)
-    assert vi.iterations == tpi1.iterations
-    torch.testing.assert_close(vi.values, tpi1.values, atol=0, rtol=0)
+    # value_iteration *is* truncated PI with j = 1 in the code, so comparing the two alone
+    # cannot fail: check both against an independent numpy value iteration.
+    v_ref, hist_ref = _numpy_value_iteration(w, 1e-10)
+    for res in (vi, tpi1):
+        assert res.iterations == len(hist_ref)
+        torch.testing.assert_close(res.values, torch.from_numpy(v_ref), atol=1e-12, rtol=0)
+        np.testing.assert_allclose(res.history, hist_ref, atol=1e-12, rtol=0)
     pi = dp.policy_iteration(w)
     assert pi.iterations < dp.truncated_policy_iteration(w, 5).iterations < vi.iterations
     assert vi.history[-1] <= 1e-10 and len(vi.history) == vi.iterations
@@ -131,3 +148,37 @@ def test_bad_policies_and_arguments():
         dp.truncated_policy_iteration(w, 0)
     with pytest.raises(ValueError, match=r"v must have shape \(25,\)"):
         dp.action_values(w, torch.zeros(24))
+    with pytest.raises(ValueError, match="need tol > 0 and max_iter >= 1, got tol=0"):
+        dp.evaluate_policy(w, pi, method="iterative", tol=0)
+    with pytest.raises(ValueError, match="max_iter=0"):
+        dp.evaluate_policy(w, pi, method="iterative", max_iter=0)
+    with pytest.raises(ValueError, match=r"j must be an int >= 1 or math.inf, got 2.5"):
+        dp.truncated_policy_iteration(w, 2.5)
+    with pytest.raises(ValueError, match="got True"):
+        dp.truncated_policy_iteration(w, True)
+    with pytest.raises(ValueError, match=r"q must have shape \(S, A\), got \(25,\)"):
+        dp.greedy_policy(torch.zeros(25))
+    with pytest.raises(ValueError, match="policy rows must sum to 1"):
+        dp.policy_iteration(w, policy0=torch.full((25, 5), 0.3, dtype=torch.float64))
+
+
+def test_iterative_evaluation_from_any_start_reaches_the_closed_form():
+    # 3x4 world (12 states, not a power of two), stochastic policy, far-off start values
+    w = WORLDS["3x4"]()
+    pi = torch.from_numpy(np.random.default_rng(5).dirichlet(np.ones(5), w.n_states))
+    ref = torch.from_numpy(_numpy_reference_values(w, pi.numpy()))
+    v0 = torch.linspace(-50.0, 80.0, w.n_states, dtype=torch.float64)
+    torch.testing.assert_close(dp.evaluate_policy(w, pi, "iterative", v0=v0), ref, atol=1e-9,
+                               rtol=0)
+    # a start value does not change the fixed point of value iteration either
+    torch.testing.assert_close(dp.value_iteration(w, v0=v0).values,
+                               dp.policy_iteration(w).values, atol=1e-8, rtol=0)
+
+
+def test_policy_with_nan_or_inf_is_rejected():
+    w = GridWorld.example()
+    for bad in (float("nan"), float("inf")):
+        pi = dp.uniform_policy(w)
+        pi[3, 1] = bad
+        with pytest.raises(ValueError, match="policy must be finite; row 3"):
+            dp.evaluate_policy(w, pi)

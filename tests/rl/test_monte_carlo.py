@@ -50,6 +50,24 @@ def test_rollout_follows_the_model_and_the_policy(world):
     assert torch.equal(acts, greedy.argmax(-1)[st])  # deterministic policy: argmax actions
 
 
+def test_rollout_actions_follow_a_stochastic_policy():
+    # Inverse-CDF sampling vs the policy itself: a non-uniform policy with zero entries on a
+    # 3x4 world (12 states), 3001 draws per state (one step each, no power of two).
+    world = GridWorld(3, 4, [(1, 1)], (2, 2), gamma=0.8)
+    g = torch.Generator().manual_seed(1)
+    pi = torch.rand(12, 5, generator=g, dtype=torch.float64) ** 2
+    pi[torch.arange(12), torch.arange(12) % 5] = 0.0  # one impossible action per state
+    pi[3] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    pi = pi / pi.sum(-1, keepdim=True)
+    n = 3001
+    s0 = torch.arange(12).repeat_interleave(n)
+    _, actions, _ = mc.rollout(world, pi, s0, 1, g)
+    freq = torch.zeros(12, 5, dtype=torch.float64).index_put_(
+        (s0, actions[:, 0]), torch.ones(12 * n, dtype=torch.float64), accumulate=True) / n
+    assert bool((freq[pi == 0] == 0).all())  # an impossible action is never drawn
+    torch.testing.assert_close(freq, pi, atol=0.03, rtol=0)  # ~4 sigma at n = 3001
+
+
 def test_first_visit_mask_matches_a_python_loop():
     g = torch.Generator().manual_seed(3)
     pairs = torch.randint(0, 6, (4, 9), generator=g)
@@ -104,6 +122,11 @@ def test_epsilon_greedy_policy_shape_and_probabilities():
                                generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(res.policy, mc.epsilon_greedy(res.q, 0.2), atol=0, rtol=0)
     assert res.steps == 40 * 30 and len(res.q_history) == 2
+    assert int(res.counts.sum()) == 40 * (30 - 10)  # every visit of the first L - H steps
+    first = mc.mc_exploring_starts(world, episodes=40, length=30, tail=10, batch=20,
+                                   generator=torch.Generator().manual_seed(0))
+    assert int(first.counts.sum()) < 40 * (30 - 10)  # first visits only
+    assert bool((first.counts <= 40).all())  # at most once per episode and pair
 
 
 def test_bad_input(world):
@@ -120,3 +143,23 @@ def test_bad_input(world):
         mc.rollout(world, dp.uniform_policy(world), torch.zeros(2, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="policy rows must sum to 1"):
         mc.mc_basic(world, policy0=torch.full((25, 5), 0.3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"s0 must have shape \(B,\), got \(2, 3\)"):
+        mc.rollout(world, dp.uniform_policy(world), torch.zeros(2, 3, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="need iterations >= 1 and episodes_per_pair >= 1, "
+                       "got 0 and 1"):
+        mc.mc_basic(world, iterations=0)
+    with pytest.raises(ValueError, match="need episodes >= 1 and batch >= 1, got 5 and 0"):
+        mc.mc_exploring_starts(world, episodes=5, batch=0)
+    with pytest.raises(ValueError, match="alpha_decay must be >= 0, got -1"):
+        mc.mc_exploring_starts(world, episodes=5, alpha_decay=-1)
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\], got -0.1"):
+        mc.epsilon_greedy(torch.zeros(3, 5), -0.1)
+
+
+def test_rollout_rejects_a_policy_that_is_not_a_probability_table():
+    w = GridWorld.example()
+    s0 = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="policy rows must sum to 1; row 0 sums to 1.5"):
+        mc.rollout(w, torch.full((w.n_states, w.n_actions), 0.3, dtype=torch.float64), s0, 3)
+    with pytest.raises(ValueError, match=r"policy must have shape \(S, A\)"):
+        mc.rollout(w, torch.full((3, w.n_actions), 0.2, dtype=torch.float64), s0, 3)

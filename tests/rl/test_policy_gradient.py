@@ -48,6 +48,25 @@ def test_gaussian_log_prob_and_entropy_match_torch_distributions():
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-6)
 
 
+def test_gaussian_with_per_example_log_std_matches_torch_distributions():
+    # log_std of the full (..., D) shape (the docstring's other form), batch (5, 3), D = 3
+    g = torch.Generator().manual_seed(2)
+    mean = torch.randn(5, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    log_std = (0.7 * torch.randn(5, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    actions = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
+    lp, ent = pg.gaussian_log_prob(mean, log_std, actions), pg.gaussian_entropy(log_std)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((w * (lp + 0.5 * ent)).sum(), (mean, log_std))
+    ref = torch.distributions.Independent(torch.distributions.Normal(mean, log_std.exp()), 1)
+    ref_grads = torch.autograd.grad((w * (ref.log_prob(actions) + 0.5 * ref.entropy())).sum(),
+                                    (mean, log_std))
+    assert lp.shape == ent.shape == (5, 3)
+    torch.testing.assert_close(lp, ref.log_prob(actions), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ent, ref.entropy(), atol=1e-12, rtol=1e-12)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+
+
 def test_policies_sample_and_score_consistently():
     torch.manual_seed(0)
     obs = torch.randn(5, 4)
@@ -123,6 +142,16 @@ def test_reward_to_go_and_loss_gradient_by_hand():
     G, b, d = torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, .5, .25])
     pg.reinforce_loss(lp, G, b, d, n_episodes=2).backward()
     torch.testing.assert_close(lp.grad, -(G - b) * d / 2, atol=1e-7, rtol=0)
+    # normalize=True: advantages standardised with the unbiased std, then discounted; the
+    # default divisor is the number of steps N = 3
+    lp.grad = None
+    adv = torch.tensor([2.0, 0.0, 1.0])  # G - b; mean 1, unbiased std 1
+    pg.reinforce_loss(lp, G, b, d, normalize=True).backward()
+    torch.testing.assert_close(lp.grad, -((adv - 1.0) / (1.0 + 1e-8)) * d / 3, atol=1e-7, rtol=0)
+    # the baseline's gradient is stopped: the loss does not reach it
+    b_param = b.clone().requires_grad_()
+    pg.reinforce_loss(lp, G, b_param).backward()
+    assert b_param.grad is None
 
 
 def test_gaussian_reinforce_learns_a_continuous_bandit():
@@ -202,3 +231,20 @@ def test_bad_input():
         pg.reward_to_go(torch.zeros(3), 1.5)
     with pytest.raises(ValueError, match="sizes needs at least input and output sizes"):
         pg.mlp([4])
+    with pytest.raises(ValueError, match=r"log_probs and returns must both have shape \(N,\), "
+                       r"got \(3, 1\) and \(3, 1\)"):
+        pg.reinforce_loss(torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"actions must have the shape of mean \(4, 2\), got \(4,\)"):
+        pg.GaussianMLPPolicy(3, 2, hidden=(5,)).log_prob(torch.zeros(4, 3), torch.zeros(4))
+    with pytest.raises(TypeError, match="actions must be an integer tensor, got dtype "
+                       "torch.float32"):
+        pg.CategoricalMLPPolicy(3, 2, hidden=(5,)).log_prob(torch.zeros(4, 3), torch.zeros(4))
+
+
+def test_reinforce_loss_rejects_baseline_or_discounts_that_would_broadcast():
+    lp = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    G = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match=r"baseline must have the shape of returns \(4,\), got \(4, 1\)"):
+        pg.reinforce_loss(lp, G, baseline=torch.zeros(4, 1))
+    with pytest.raises(ValueError, match=r"discounts must have the shape of returns \(4,\), got \(3,\)"):
+        pg.reinforce_loss(lp, G, discounts=torch.ones(3))

@@ -66,9 +66,22 @@ def test_bgd_and_batched_runs():
     x = torch.arange(12, dtype=torch.float64).view(6, 2)
     traj = sa.gradient_descent_mean(x, sa.power_steps(5), None, torch.tensor([100.0, -100.0]))
     torch.testing.assert_close(traj[1:], x.mean(0).expand(5, 2), atol=1e-12, rtol=0)
-    runs = sa.gradient_descent_mean(x, sa.power_steps(5, 0.0, 0.5), 3, torch.zeros(7, 2),
-                                    torch.Generator().manual_seed(0))
+    steps = sa.power_steps(5, 0.0, 0.5)
+    w1 = torch.linspace(-3.0, 3.0, 14, dtype=torch.float64).view(7, 2)
+    runs = sa.gradient_descent_mean(x, steps, 3, w1, torch.Generator().manual_seed(0))
     assert runs.shape == (6, 7, 2)
+    # explicit loop over the 7 runs, same mini-batch indices (K, R, m) = (5, 7, 3)
+    idx = torch.randint(6, (5, 7, 3), generator=torch.Generator().manual_seed(0))
+    for r in range(7):
+        w = w1[r].clone()
+        torch.testing.assert_close(runs[0, r], w, atol=0, rtol=0)
+        for k in range(5):
+            grad = (w - x[idx[k, r]]).mean(0)  # (1/m) sum_{i in I_k} (w_k - x_i)
+            w = w - steps[k] * grad
+            torch.testing.assert_close(runs[k + 1, r], w, atol=1e-12, rtol=0)
+    # batch_size = n is batch GD (no sampling), whatever the generator
+    torch.testing.assert_close(sa.gradient_descent_mean(x, steps, 6, w1),
+                               sa.gradient_descent_mean(x, steps, None, w1), atol=0, rtol=0)
 
 
 def test_bad_input():
@@ -89,3 +102,11 @@ def test_bad_input():
         sa.gradient_descent_mean(torch.zeros(5), sa.power_steps(3))
     with pytest.raises(ValueError, match=r"w1 must have shape \(2,\) or \(R, 2\)"):
         sa.gradient_descent_mean(x, sa.power_steps(3), None, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"w1 must have shape \(2,\) or \(R, 2\), got \(1, 1, 2\)"):
+        sa.gradient_descent_mean(x, sa.power_steps(3), None, torch.zeros(1, 1, 2))
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 5\] or None, got 6"):
+        sa.gradient_descent_mean(x, sa.power_steps(3), 6)
+    with pytest.raises(ValueError, match="need n >= 1, c > 0 and p >= 0, got n=3, c=0"):
+        sa.power_steps(3, c=0)
+    with pytest.raises(ValueError, match="p=-1"):
+        sa.power_steps(3, p=-1)

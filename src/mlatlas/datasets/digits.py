@@ -7,7 +7,7 @@ experiments that must run offline in seconds: a diffusion model learns them on a
 ===========  =============================================================
 ``x``        ``[N, 1, 8, 8]`` float32 images, pixel values 0..16 rescaled
 ``y``        ``[N]`` int64 digit labels 0..9
-split        a fixed stratified permutation: 80% train (1437), 20% test (360)
+split        a fixed stratified permutation: 80% train (1438), 20% test (359)
 ===========  =============================================================
 """
 

@@ -193,7 +193,8 @@ def classifier_guidance(model_fn: Callable[[Tensor, Tensor], Tensor], classifier
         schedule: The forward process (for ᾱ_t and T).
 
     Raises:
-        ValueError: for s < 0 or labels outside ``[0, K)``.
+        ValueError: for s < 0 or labels outside ``[0, K)``; the returned function for a
+            batch that does not match ``y`` or a timestep outside ``[0, T)``.
     """
     _check_scale("scale", scale)
     k = getattr(classifier, "num_classes", None)
@@ -205,16 +206,20 @@ def classifier_guidance(model_fn: Callable[[Tensor, Tensor], Tensor], classifier
     def fn(x: Tensor, timestep: Tensor) -> Tensor:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]} but y has {y.shape[0]} labels")
+        steps = schedule._check_timesteps(timestep)  # integer, inside [0, T)
+        if steps.numel() != 1:
+            raise ValueError(f"timestep must be one integer, got {steps.numel()} values")
         eps = model_fn(x, timestep)
         if s == 0:
             return eps
-        t = torch.full((x.shape[0],), float(timestep) / T, device=x.device)
+        t_int = int(steps)
+        t = torch.full((x.shape[0],), t_int / T, device=x.device)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             logp = classifier(xg, t).log_softmax(dim=1)
             picked = logp.gather(1, y.to(x.device)[:, None]).sum()
             (grad,) = torch.autograd.grad(picked, xg)  # ∇_{x_t} log p_φ(y | x_t)
-        sigma = (1 - schedule.alphas_cumprod[int(timestep)]).sqrt().to(x)
+        sigma = (1 - schedule.alphas_cumprod[t_int]).sqrt().to(x)
         return eps - s * sigma * grad  # D&N sec. 4.2, Alg. 2: ε̂ = ε − s√(1−ᾱ_t)∇ log p_φ
 
     return fn

@@ -235,8 +235,8 @@ def knn_entropy(x: Tensor, k: int = 3) -> float:
     dist.fill_diagonal_(math.inf)
     eps = dist.kthvalue(k, dim=1).values.clamp_min(1e-300)
     log_vd = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
-    return float(torch.special.digamma(torch.tensor(float(n))) - torch.special.digamma(
-        torch.tensor(float(k))) + log_vd + d * eps.log().mean())
+    psi = torch.special.digamma(torch.tensor([float(n), float(k)], dtype=torch.float64))
+    return float(psi[0] - psi[1] + log_vd + d * eps.log().mean())  # ψ(n) − ψ(k) + log V_d + d E log ε
 
 
 # --------------------------------------------------------------------------- digits

@@ -77,7 +77,7 @@ def check_policy(world: GridWorld, policy: torch.Tensor, atol: float = 1e-8) -> 
 
     Raises:
         TypeError: ``policy`` is not a floating tensor/array.
-        ValueError: wrong shape, negative entries or rows that do not sum to 1.
+        ValueError: wrong shape, NaN/inf or negative entries, or rows that do not sum to 1.
     """
     pi = torch.as_tensor(policy)
     if not pi.is_floating_point():
@@ -86,6 +86,9 @@ def check_policy(world: GridWorld, policy: torch.Tensor, atol: float = 1e-8) -> 
     expected = (world.n_states, world.n_actions)
     if tuple(pi.shape) != expected:
         raise ValueError(f"policy must have shape (S, A) = {expected}, got {tuple(pi.shape)}")
+    if not bool(torch.isfinite(pi).all()):
+        s = int((~torch.isfinite(pi)).any(-1).nonzero()[0])
+        raise ValueError(f"policy must be finite; row {s} holds NaN or inf")
     if bool((pi < 0).any()):
         raise ValueError("policy has negative probabilities")
     sums = pi.sum(-1)

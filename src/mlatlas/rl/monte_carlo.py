@@ -110,9 +110,14 @@ def rollout(world: GridWorld, policy: torch.Tensor, s0: torch.Tensor, length: in
     Returns:
         ``states``, ``actions`` (int64) and ``rewards`` (float64), each ``(B, L)``:
         ``rewards[:, t]`` follows taking ``actions[:, t]`` in ``states[:, t]``.
+
+    Raises:
+        ValueError: ``length < 1``, ``s0`` not ``(B,)``, or a ``policy`` that is not an
+            ``(S, A)`` table of probabilities (see :func:`check_policy`).
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
+    policy = check_policy(world, policy)
     s0 = torch.as_tensor(s0, dtype=torch.int64)
     if s0.dim() != 1:
         raise ValueError(f"s0 must have shape (B,), got {tuple(s0.shape)}")

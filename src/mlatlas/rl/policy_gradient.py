@@ -101,6 +101,10 @@ def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor,
     if log_probs.shape != returns.shape or log_probs.dim() != 1:
         raise ValueError(f"log_probs and returns must both have shape (N,), got "
                          f"{tuple(log_probs.shape)} and {tuple(returns.shape)}")
+    for name, t in (("baseline", baseline), ("discounts", discounts)):
+        if t is not None and t.shape != returns.shape:  # (N, 1) would broadcast to (N, N)
+            raise ValueError(f"{name} must have the shape of returns {tuple(returns.shape)}, "
+                             f"got {tuple(t.shape)}")
     adv = returns if baseline is None else returns - baseline.detach()  # G_t - b(s_t)
     if normalize:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)

@@ -113,6 +113,38 @@ def test_parity_varlen(reference, causal):
     _check(ours, _fwd_bwd(per_sequence, q, k, v, do), torch.float32)
 
 
+def test_parity_varlen_separate_key_lengths(reference):
+    """cu_seqlens_k ≠ cu_seqlens (packed cross-attention, one empty key range), causal."""
+    F = reference("torch.nn.functional")
+    cu_q = torch.tensor([0, 3, 9, 13], dtype=torch.int64)
+    cu_k = torch.tensor([0, 7, 7, 11], dtype=torch.int64)  # sequence 1 has no key: rows → 0
+    q, _, _, do = _inputs(1, 2, 1, 13, 11, 16, seed=10)
+    _, k, v, _ = _inputs(1, 2, 1, 11, 11, 16, seed=11)
+    ours = _fwd_bwd(flash_attention_triton, q, k, v, do, causal=True, cu_seqlens=cu_q,
+                    cu_seqlens_k=cu_k)
+
+    def per_sequence(q, k, v):
+        return torch.cat([_sdpa(F, q[:, :, 0:3], k[:, :, 0:7], v[:, :, 0:7], True),
+                          torch.zeros_like(q[:, :, 3:9]),
+                          _sdpa(F, q[:, :, 9:13], k[:, :, 7:11], v[:, :, 7:11], True)], dim=2)
+
+    _check(ours, _fwd_bwd(per_sequence, q, k, v, do), torch.float32)
+    assert torch.all(ours[0][:, :, 3:9] == 0) and torch.all(ours[1][:, :, 3:9] == 0)
+
+
+def test_fully_padded_batch_row_gives_zero_output_and_grads(reference):
+    F = reference("torch.nn.functional")
+    q, k, v, do = _inputs(2, 2, 2, 11, 13, 16, seed=12)
+    kpm = torch.ones(2, 13, dtype=torch.bool)
+    kpm[0, 9:] = False
+    kpm[1] = False  # every key of batch row 1 is padding: SDPA returns 0 there
+    ours = _fwd_bwd(flash_attention_triton, q, k, v, do, key_padding_mask=kpm)
+    ref = _fwd_bwd(lambda *a, **kw: _sdpa(F, *a, **kw), q, k, v, do, kpm=kpm)
+    _check(ours, ref, torch.float32)
+    for t in ours:
+        assert torch.all(t[1] == 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_against_fp32_sdpa(reference, dtype):
     F = reference("torch.nn.functional")

@@ -35,16 +35,17 @@ def _qkv(n=37, m=None, d=12, dv=10, b=2, h=3, seed=0, dtype=torch.float32):
             torch.randn(b, h, m, dv, generator=g, dtype=dtype))
 
 
-def _check_fwd_bwd(fn, ref, tensors, seed=1):
+def _check_fwd_bwd(fn, ref, tensors, seed=1, atol=ATOL, rtol=RTOL):
     a = [t.clone().requires_grad_(True) for t in tensors]
     r = [t.clone().requires_grad_(True) for t in tensors]
     out, expected = fn(*a), ref(*r)
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
     out.backward(g)
     expected.backward(g)
-    for x, y in zip(a, r):
-        torch.testing.assert_close(x.grad, y.grad, atol=ATOL, rtol=RTOL)
+    for name, x, y in zip("qkv", a, r, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("n, m", [(37, 37), (23, 41), (1, 5)])
@@ -64,19 +65,23 @@ def test_causal_equals_masked_quadratic_form(chunk_size):
 def test_other_feature_maps(feature_map, phi):
     q, k, v = _qkv(29)
     for causal in (False, True):
-        torch.testing.assert_close(
-            linear_attention(q, k, v, causal=causal, feature_map=feature_map, chunk_size=8),
-            _quadratic(q, k, v, causal=causal, phi=phi), atol=ATOL, rtol=RTOL)
+        _check_fwd_bwd(lambda q, k, v, c=causal: linear_attention(
+            q, k, v, causal=c, feature_map=feature_map, chunk_size=8),
+            lambda q, k, v, c=causal: _quadratic(q, k, v, causal=c, phi=phi), (q, k, v))
 
 
 def test_unnormalised_features_form():
     q, k, v = _qkv(31)
     fq, fk = F.elu(q) + 1, F.elu(k) + 1
-    for causal in (False, True):
+
+    def ref(fq, fk, v, causal):
         a = fq @ fk.transpose(-1, -2)
-        ref = (a.tril() if causal else a) @ v
-        out = linear_attention_features(fq, fk, v, causal=causal, chunk_size=9, normalize=False)
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)  # sums of ~30 terms of O(10)
+        return (a.tril() if causal else a) @ v
+
+    for causal in (False, True):  # sums of ~30 terms of O(10): atol 1e-4
+        _check_fwd_bwd(lambda a, b, c, cz=causal: linear_attention_features(
+            a, b, c, causal=cz, chunk_size=9, normalize=False),
+            lambda a, b, c, cz=causal: ref(a, b, c, cz), (fq, fk, v), atol=1e-4, rtol=1e-5)
 
 
 def test_step_decoding_equals_parallel():
@@ -112,17 +117,28 @@ def test_half_precision_accumulates_in_fp32():
 
 def test_float64():
     q, k, v = _qkv(19, dtype=torch.float64)
-    torch.testing.assert_close(linear_attention(q, k, v, causal=True, chunk_size=4),
-                               _quadratic(q, k, v, causal=True), atol=1e-12, rtol=1e-12)
+    for causal in (False, True):
+        _check_fwd_bwd(lambda a, b, c, cz=causal: linear_attention(a, b, c, causal=cz,
+                                                                   chunk_size=4),
+                       lambda a, b, c, cz=causal: _quadratic(a, b, c, causal=cz), (q, k, v),
+                       atol=1e-12, rtol=1e-12)
 
 
 def test_layer_equals_functional():
     torch.manual_seed(0)
     layer = LinearAttention(30, 3, causal=True, chunk_size=8)
-    x = torch.randn(2, 21, 30)
+    x = torch.randn(2, 21, 30, requires_grad=True)
     q, k, v = layer.split_heads(x)
     o = _quadratic(q, k, v, causal=True).transpose(1, 2).reshape(2, 21, 30)
-    torch.testing.assert_close(layer(x), layer.out(o), atol=ATOL, rtol=RTOL)
+    out, ref = layer(x), layer.out(o)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    # backward through the projections: input and every parameter
+    wrt = [x, *layer.parameters()]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    for name, a, b in zip(["x", *dict(layer.named_parameters())],
+                          torch.autograd.grad(out, wrt, g, retain_graph=True),
+                          torch.autograd.grad(ref, wrt, g), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ----------------------------------------------------------------------------- bad input

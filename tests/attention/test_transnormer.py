@@ -78,11 +78,21 @@ def test_norm_attention_layer_is_norm_of_heads(norm, torch_norm):
     assert isinstance(layer.norm, torch_norm)
     with torch.no_grad():
         layer.norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(2, 19, 30)
+        if norm == "layernorm":
+            layer.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 19, 30, requires_grad=True)
     q, k, v = layer.split_heads(x)
     s = ((F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-1, -2)).tril()
     o = (s @ v).transpose(1, 2).reshape(2, 19, 30)
-    torch.testing.assert_close(layer(x), layer.out(layer.norm(o)), atol=ATOL, rtol=RTOL)
+    out, ref = layer(x), layer.out(layer.norm(o))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    # backward: the input and every parameter (projections, norm gain/bias, output)
+    wrt = [x, *layer.parameters()]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    for name, a, b in zip(["x", *dict(layer.named_parameters())],
+                          torch.autograd.grad(out, wrt, g, retain_graph=True),
+                          torch.autograd.grad(ref, wrt, g), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_diag_layer_attention_weights_are_block_diagonal():

@@ -112,7 +112,7 @@ def test_glu_family_matches_torch(dtype, dim):
     for ours, ref in refs.items():
         y, gx = _value_and_grad(lambda t, f=ours: f(t, dim), x)
         y_ref, gx_ref = _value_and_grad(ref, x)
-        assert y.shape == (3, 5, 6) if dim == 1 else (3, 10, 3)
+        assert y.shape == ((3, 5, 6) if dim == 1 else (3, 10, 3))
         torch.testing.assert_close(y, y_ref, **TOL[dtype])
         torch.testing.assert_close(gx, gx_ref, **TOL[dtype])
 
@@ -141,18 +141,25 @@ def test_swiglu_ffn_matches_transformers_llama_mlp(reference):
 
 @pytest.mark.parametrize("kind,act", [("glu", torch.sigmoid), ("reglu", F.relu),
                                       ("geglu", F.gelu), ("swiglu", F.silu)])
-def test_gated_ffn_formula_and_weight_grads(kind, act):
+def test_gated_ffn_formula_and_all_grads(kind, act):
     torch.manual_seed(3)
     m = GatedFeedForward(10, 14, kind=kind, bias=True)
-    x = torch.randn(2, 3, 10)
+    x = torch.randn(2, 3, 10, requires_grad=True)
     y = m(x)
     ref = F.linear(act(F.linear(x, m.gate_proj.weight, m.gate_proj.bias))
                    * F.linear(x, m.up_proj.weight, m.up_proj.bias),
                    m.down_proj.weight, m.down_proj.bias)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
-    gw = torch.autograd.grad(y.square().sum(), m.gate_proj.weight)[0]
-    gw_ref = torch.autograd.grad(ref.square().sum(), m.gate_proj.weight)[0]
-    torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-5)
+    # backward: the input and every weight/bias of the three projections
+    wrt = [x, *m.parameters()]
+    assert len(wrt) == 7
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad((y * w).sum(), wrt)
+    grads_ref = torch.autograd.grad((ref * w).sum(), wrt)
+    for name, g, g_ref in zip(["x", *dict(m.named_parameters())], grads, grads_ref,
+                              strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5,
+                                   msg=lambda s, n=name: f"{n}: {s}")
 
 
 def test_plain_ffn_matches_sequential():
@@ -165,7 +172,16 @@ def test_plain_ffn_matches_sequential():
     res = seq.load_state_dict({v: m.state_dict()[k] for k, v in key_map.items()})
     assert not res.missing_keys and not res.unexpected_keys
     x = torch.randn(4, 7, 10)
-    torch.testing.assert_close(m(x), seq(x), atol=1e-6, rtol=1e-5)
+    y, gx = _value_and_grad(m, x)
+    y_ref, gx_ref = _value_and_grad(seq, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-6, rtol=1e-5)
+    # parameter gradients, compared through the key map
+    m(x).square().sum().backward()
+    seq(x).square().sum().backward()
+    ours_p, seq_p = dict(m.named_parameters()), dict(seq.named_parameters())
+    for k, v in key_map.items():
+        torch.testing.assert_close(ours_p[k].grad, seq_p[v].grad, atol=1e-5, rtol=1e-5, msg=k)
     # parameter counts: a gated FFN with hidden ⅔·h has as many weights as a plain one with h
     gated = GatedFeedForward(12, 32)
     plain = FeedForward(12, 48)

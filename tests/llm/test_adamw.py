@@ -91,8 +91,9 @@ def test_1000_steps_match_torch_float64_float32_amsgrad_both_paths(name):
             torch.testing.assert_close(state[k][key], state_ref[k][key], **TOL[dtype])
 
 
+@pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_maximize_groups_and_params_without_grad_match_torch(name):
+def test_maximize_groups_and_params_without_grad_match_torch(name, foreach):
     ours_cls, ref_cls = PAIRS[name]
     finals = []
     for cls in (ours_cls, ref_cls):
@@ -100,7 +101,7 @@ def test_maximize_groups_and_params_without_grad_match_torch(name):
         frozen = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))  # never gets a grad
         groups = [{"params": list(model[0].parameters()) + [frozen], "lr": 1e-2},
                   {"params": model[2].parameters(), "weight_decay": 0.3, "betas": (0.5, 0.9)}]
-        opt = cls(groups, lr=1e-3, weight_decay=0.01, maximize=True, foreach=True)
+        opt = cls(groups, lr=1e-3, weight_decay=0.01, maximize=True, foreach=foreach)
         _train(model, opt, 100, sign=-1.0)
         assert frozen not in opt.state and torch.equal(frozen, torch.ones_like(frozen))
         finals.append(_flat(model))

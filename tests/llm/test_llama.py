@@ -309,6 +309,23 @@ def test_forward_errors():
         model.generate(ids, 2, temperature=-0.5)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
         model.generate(ids, 2, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match=r"top_k must be an int >= 0 \(0: no limit\), got -1"):
+        model.generate(ids, 2, temperature=1.0, top_k=-1)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\] = \(2, 9\), got "
+                                         r"\(2, 8\)"):
+        model.generate(ids, 2, attention_mask=torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be non-empty, got shape \(2, 0\)"):
+        model(ids[:, :0])
+    with pytest.raises(ValueError, match=r"position_ids must be an integer tensor \[2 or 1, 9\], "
+                                         r"got torch.float32 \(1, 9\)"):
+        model(ids, torch.arange(9)[None].float())
+    cache = model.new_cache()
+    model(torch.zeros(1, 60, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"sequence length 65 exceeds max_position_embeddings"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)  # 60 cached + 5 new
+    with pytest.raises(ValueError, match=r"logits \[B, T, V\] and input_ids \[B, T\] must agree, "
+                                         r"got \(2, 9, 97\) and \(2, 8\)"):
+        next_token_loss(torch.zeros(2, 9, 97), ids[:, :8])
 
 
 def test_layer_runner_hook_and_state_dict():

@@ -163,3 +163,11 @@ def test_rollout_rejects_a_policy_that_is_not_a_probability_table():
         mc.rollout(w, torch.full((w.n_states, w.n_actions), 0.3, dtype=torch.float64), s0, 3)
     with pytest.raises(ValueError, match=r"policy must have shape \(S, A\)"):
         mc.rollout(w, torch.full((3, w.n_actions), 0.2, dtype=torch.float64), s0, 3)
+
+
+def test_rollout_accepts_a_float32_softmax_table():
+    w = GridWorld.example()
+    table = torch.softmax(torch.randn(w.n_states, w.n_actions, generator=torch.Generator()
+                                      .manual_seed(0)), -1).double()  # rows off 1 by ~1e-7
+    states, _, _ = mc.rollout(w, table, torch.zeros(2, dtype=torch.int64), 4)
+    assert states.shape == (2, 4)

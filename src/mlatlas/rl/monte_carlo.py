@@ -117,7 +117,7 @@ def rollout(world: GridWorld, policy: torch.Tensor, s0: torch.Tensor, length: in
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
-    policy = check_policy(world, policy)
+    policy = check_policy(world, policy, atol=1e-5)  # loose: float32 softmax tables are fine
     s0 = torch.as_tensor(s0, dtype=torch.int64)
     if s0.dim() != 1:
         raise ValueError(f"s0 must have shape (B,), got {tuple(s0.shape)}")

@@ -52,12 +52,12 @@ class Config:
 
     densities: tuple[str, ...] = ("8gaussians",)  # toy2d densities with an exact log_prob
     models: tuple[str, ...] = MODELS  # any of realnvp, cnf, fm
-    realnvp_steps: int = 320  # RealNVP maximum-likelihood steps
+    realnvp_steps: int = 260  # RealNVP maximum-likelihood steps
     realnvp_couplings: int = 8  # coupling layers
     realnvp_hidden: int = 32  # conditioner width
     realnvp_mixing: str = "linear"  # between couplings: none | reverse | random | linear
     realnvp_batch_size: int = 1024  # RealNVP batch (per-step overhead dominates: go wide)
-    fm_steps: int = 1250  # flow-matching regression steps
+    fm_steps: int = 1000  # flow-matching regression steps
     fm_hidden: int = 128  # flow-matching velocity network width
     sigma_min: float = 1e-3  # width of the conditional OT path at the data end
     batch_size: int = 512  # flow-matching batch

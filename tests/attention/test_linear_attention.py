@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from same_grads import assert_same_grads
 
 from mlatlas.attention.linear import (
     LinearAttention,
@@ -133,12 +134,7 @@ def test_layer_equals_functional():
     out, ref = layer(x), layer.out(o)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     # backward through the projections: input and every parameter
-    wrt = [x, *layer.parameters()]
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    for name, a, b in zip(["x", *dict(layer.named_parameters())],
-                          torch.autograd.grad(out, wrt, g, retain_graph=True),
-                          torch.autograd.grad(ref, wrt, g), strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_grads(out, ref, x, layer, atol=ATOL, rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------- bad input

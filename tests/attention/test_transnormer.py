@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from same_grads import assert_same_grads
 from torch import nn
 
 from mlatlas.attention.linear import LinearAttention
@@ -87,12 +88,7 @@ def test_norm_attention_layer_is_norm_of_heads(norm, torch_norm):
     out, ref = layer(x), layer.out(layer.norm(o))
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     # backward: the input and every parameter (projections, norm gain/bias, output)
-    wrt = [x, *layer.parameters()]
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    for name, a, b in zip(["x", *dict(layer.named_parameters())],
-                          torch.autograd.grad(out, wrt, g, retain_graph=True),
-                          torch.autograd.grad(ref, wrt, g), strict=True):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_grads(out, ref, x, layer, atol=ATOL, rtol=RTOL)
 
 
 def test_diag_layer_attention_weights_are_block_diagonal():

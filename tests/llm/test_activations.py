@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from same_grads import assert_same_grads
 
 import mlatlas.nn.activations as A
 from mlatlas.nn.activations import FeedForward, GatedFeedForward, get_activation
@@ -151,15 +152,8 @@ def test_gated_ffn_formula_and_all_grads(kind, act):
                    m.down_proj.weight, m.down_proj.bias)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-5)
     # backward: the input and every weight/bias of the three projections
-    wrt = [x, *m.parameters()]
-    assert len(wrt) == 7
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
-    grads = torch.autograd.grad((y * w).sum(), wrt)
-    grads_ref = torch.autograd.grad((ref * w).sum(), wrt)
-    for name, g, g_ref in zip(["x", *dict(m.named_parameters())], grads, grads_ref,
-                              strict=True):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5,
-                                   msg=lambda s, n=name: f"{n}: {s}")
+    assert len(list(m.parameters())) == 6
+    assert_same_grads(y, ref, x, m, atol=1e-5, rtol=1e-5, seed=7)
 
 
 def test_plain_ffn_matches_sequential():

@@ -31,6 +31,7 @@ from typing import BinaryIO
 import google_crc32c
 
 __all__ = [
+    "RECORD_HEADER",
     "CorruptRecordError",
     "RecordReader",
     "TFRecordWriter",
@@ -40,7 +41,8 @@ __all__ = [
 ]
 
 _MASK_DELTA = 0xA282EAD8
-_HEADER = struct.Struct("<QI")  # uint64 length, uint32 masked crc of the length
+#: A record header: uint64 payload length, uint32 masked CRC32C of those 8 bytes.
+RECORD_HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _CHUNK = 1 << 20  # bytes read from the underlying stream at a time
 _WBITS = {"gzip": 31, "zlib": 15}  # zlib window bits: 16 + 15 = gzip wrapper
@@ -282,7 +284,7 @@ class RecordReader:
                                    f"({len(b.buf) - b.pos} of 12 bytes): truncated")
                     return
                 buf, pos = b.buf, b.pos
-                length, length_crc = _HEADER.unpack_from(buf, pos)
+                length, length_crc = RECORD_HEADER.unpack_from(buf, pos)
                 if verify and masked_crc32c(buf[pos:pos + 8]) != length_crc:
                     self._fail(number, b.base + pos, "length checksum mismatch (damaged length)")
                     b.pos += 1

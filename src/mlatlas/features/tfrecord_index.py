@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlatlas.features.tfrecord import _HEADER, CorruptRecordError, RecordReader, masked_crc32c
+from mlatlas.features.tfrecord import RECORD_HEADER, CorruptRecordError, RecordReader, masked_crc32c
 
 __all__ = ["RecordIndex", "read_record_at"]
 
@@ -57,7 +57,7 @@ class RecordIndex:
                 if len(head) < 12:
                     raise CorruptRecordError(name, n, offset, "file ends inside a record "
                                              f"header ({len(head)} of 12 bytes): truncated")
-                length, length_crc = _HEADER.unpack(head)
+                length, length_crc = RECORD_HEADER.unpack(head)
                 if verify_crc and masked_crc32c(head[:8]) != length_crc:
                     raise CorruptRecordError(name, n, offset, "length checksum mismatch "
                                              "(damaged length)")

@@ -206,7 +206,7 @@ def classifier_guidance(model_fn: Callable[[Tensor, Tensor], Tensor], classifier
     def fn(x: Tensor, timestep: Tensor) -> Tensor:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]} but y has {y.shape[0]} labels")
-        steps = schedule._check_timesteps(timestep)  # integer, inside [0, T)
+        steps = schedule.check_timesteps(timestep)  # integer, inside [0, T)
         if steps.numel() != 1:
             raise ValueError(f"timestep must be one integer, got {steps.numel()} values")
         eps = model_fn(x, timestep)

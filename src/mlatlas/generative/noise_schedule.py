@@ -153,7 +153,13 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # ᾱ_t
         self.one = torch.tensor(1.0)
 
-    def _check_timesteps(self, timesteps: Tensor) -> Tensor:
+    def check_timesteps(self, timesteps: Tensor | int) -> Tensor:
+        """``timesteps`` as an integer tensor, or a clear error if any lies outside ``[0, T)``.
+
+        Raises:
+            TypeError: floating-point timesteps.
+            ValueError: a timestep below 0 or at/above ``T``.
+        """
         if not isinstance(timesteps, Tensor):
             timesteps = torch.as_tensor(timesteps)
         if timesteps.is_floating_point():
@@ -179,7 +185,7 @@ class NoiseSchedule:
         if noise.shape != original_samples.shape:
             raise ValueError(f"noise must have the shape of original_samples "
                              f"{tuple(original_samples.shape)}, got {tuple(noise.shape)}")
-        timesteps = self._check_timesteps(timesteps).to(original_samples.device)
+        timesteps = self.check_timesteps(timesteps).to(original_samples.device)
         ac = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
         sqrt_ac = _broadcast((ac[timesteps] ** 0.5).flatten(), original_samples)
         sqrt_1m = _broadcast(((1 - ac[timesteps]) ** 0.5).flatten(), original_samples)

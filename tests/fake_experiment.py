@@ -26,23 +26,27 @@ class Config:
     seed: int = 0
 
     @classmethod
+    def smoke(cls) -> Config:
+        return cls(steps=1)
+
+    @classmethod
     def full(cls) -> Config:
         return cls(steps=10)
 
 
-def run(cfg: Config, out, *, smoke: bool = False):
+def run(cfg: Config, out):
     import torch
 
     from mlatlas.plots import curves, figure
     from mlatlas.report import Report
 
     rep = Report()
-    steps = 1 if smoke else cfg.steps
+    steps = cfg.steps
     values = [float(torch.rand(()).item()) for _ in range(steps)]
     rep.metric("steps_run", steps)
     rep.metric("first_draw", values[0])
     rep.metric("loss[bracketed]", 0.5)  # rich markup must not swallow it
-    rep.claim("steps reach target", steps, cfg.target, ">=")
+    rep.claim("steps reach target", steps, cfg.target, ">=", target_source="target")
     with figure(out / "curve.png") as (fig, ax):
         curves(ax, {"draws": values})
     rep.figure(out / "curve.png")
@@ -59,7 +63,7 @@ def bench(cfg: Config, out):
     return rep
 
 
-def broken_run(cfg: Config, out, *, smoke: bool = False):
+def broken_run(cfg: Config, out):
     raise RuntimeError("boom")
 
 

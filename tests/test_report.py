@@ -53,3 +53,35 @@ def test_write_run_and_tour(tmp_path):
     html = page.read_text()
     assert "<img src='a/fig.png'" in html and "run failed: RuntimeError: boom" in html
     assert "1 of 1 claims hold across 2 run(s)." in md.read_text()
+
+
+def test_a_claim_has_three_outcomes():
+    from mlatlas.report import Claim, Report
+
+    rep = Report(method="m")
+    rep.claim("fast", 2.0, 1.0, ">=")
+    assert rep.holds
+    c = rep.not_measured("same as TF", 0.0, "<=", reason="TensorFlow is not importable")
+    assert c.status == "not measured" and c.holds is False and c.measured is None
+    assert not rep.holds and rep.unmeasured == [c]  # a not-measured claim never reads "all hold"
+    assert "not measured: TensorFlow is not importable" in c.describe()
+    assert Claim("x", float("nan"), 1.0).status == "fails"
+    with pytest.raises(ValueError, match="detail must say why"):
+        Claim("x", None, 1.0)
+    data = rep.to_dict()
+    assert [d["status"] for d in data["claims"]] == ["holds", "not measured"]
+    assert data["claims"][1]["measured"] is None
+
+
+def test_runner_marks_a_target_changed_by_set(fake_method, tmp_path):
+    import json
+
+    from mlatlas import runner
+
+    rep = runner.run_method("fake-method", out=tmp_path, overrides=["target=0.5"])
+    assert rep.claims[0].target_changed and rep.overrides == {"target": 0.5}
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["claims"][0]["target_changed"] is True and data["overrides"] == {"target": 0.5}
+    assert "(changed by --set)" in (tmp_path / "report.md").read_text()
+    rep = runner.run_method("fake-method", out=tmp_path, overrides=["steps=4"])
+    assert not rep.claims[0].target_changed  # other fields do not touch the target

@@ -123,9 +123,9 @@ def _tour(args: argparse.Namespace) -> int:
     from mlatlas import runner
 
     reports, page = runner.run_tour(args.field, args.out, smoke=args.smoke, echo=print)
-    n_claims = sum(len(r.claims) for r in reports)
-    n_hold = sum(c.holds for r in reports for c in r.claims)
-    print(f"{n_hold}/{n_claims} claims hold across {len(reports)} methods → {page}")
+    from mlatlas.report import claims_summary
+
+    print(f"{claims_summary(reports)} across {len(reports)} methods → {page}")
     if any(r.error for r in reports):
         return EXIT_CLAIM
     if args.strict and not all(r.holds for r in reports):
@@ -147,8 +147,9 @@ def _print_report(report) -> None:  # noqa: ANN001 - a mlatlas.report.Report
             t.add_row(escape(k), f"{v:.6g}")
         console.print(t)
     for c in report.claims:
-        console.print(("[green]✓[/green] " if c.holds else "[red]✗[/red] ") + escape(c.describe()),
-                      highlight=False)
+        mark = {"holds": "[green]✓[/green] ", "fails": "[red]✗[/red] "}.get(c.status,
+                                                                          "[yellow]?[/yellow] ")
+        console.print(mark + escape(c.describe()), highlight=False)
     for n in report.notes:
         console.print(f"[dim]note:[/dim] {escape(n)}", highlight=False)
     console.print(f"{len(report.figures)} figure(s); {report.elapsed_s:.1f} s; metrics.json and "

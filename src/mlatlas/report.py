@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Claim", "Report", "write_run", "write_tour"]
+__all__ = ["FAILS", "HOLDS", "NOT_MEASURED", "Claim", "Report", "claims_summary", "write_run",
+           "write_tour"]
 
 _OPS = {
     "<=": operator.le,
@@ -27,48 +28,79 @@ _OPS = {
 }
 
 
+#: The three outcomes of a claim.
+HOLDS, FAILS, NOT_MEASURED = "holds", "fails", "not measured"
+
+
 @dataclass
 class Claim:
     """A headline claim measured in numbers: ``measured <op> target``.
 
+    A claim has three outcomes (:attr:`status`): it holds, it fails, or it was not measured
+    (``measured is None``; ``detail`` then says why — a missing reference library, no GPU).
+    A claim that was not measured never counts as holding.
+
     Args:
         name: What is claimed, in words (``"DDIM-50 SW / DDPM-1000 SW"``).
-        measured: The measured value.
+        measured: The measured value, or ``None`` when it could not be measured.
         target: The target fixed before the run (from the paper or the issue).
         op: One of ``"<="``, ``"<"``, ``">="``, ``">"``, ``"=="``.
         unit: Unit of ``measured`` and ``target`` (``"x"``, ``"s"``, ``""``).
         holds: Whether the claim held. Computed from ``measured op target`` when left
             ``None``; pass it explicitly only for claims a single comparison cannot express.
-        detail: One line of context (how it was measured).
+            Always False when not measured (a NaN measurement fails).
+        detail: One line of context (how it was measured, or why it was not).
+        target_source: The ``Config`` field the target came from, if any (``"tolerance"``);
+            the runner marks the claim when a ``--set`` changed that field.
+        target_changed: True when the target was changed from the run mode's default by a
+            ``--set`` override (filled by the runner).
 
     Raises:
         ValueError: if ``op`` is not a supported comparison.
     """
 
     name: str
-    measured: float
+    measured: float | None
     target: float
     op: str = ">="
     unit: str = ""
     holds: bool | None = None
     detail: str = ""
+    target_source: str = ""
+    target_changed: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in _OPS:
             raise ValueError(f"Claim op must be one of {sorted(_OPS)}, got {self.op!r}")
-        self.measured = float(self.measured)
         self.target = float(self.target)
+        if self.measured is None:
+            if not self.detail:
+                raise ValueError(f"claim {self.name!r} was not measured: detail must say why")
+            self.holds = False
+            return
+        self.measured = float(self.measured)
         if self.holds is None:
             self.holds = (not math.isnan(self.measured)) and bool(
                 _OPS[self.op](self.measured, self.target)
             )
         self.holds = bool(self.holds)
 
+    @property
+    def status(self) -> str:
+        """``"holds"``, ``"fails"`` or ``"not measured"``."""
+        if self.measured is None:
+            return NOT_MEASURED
+        return HOLDS if self.holds else FAILS
+
     def describe(self) -> str:
-        """``"name: 0.93 >= 0.9 x — holds"``."""
-        verdict = "holds" if self.holds else "DOES NOT HOLD"
+        """``"name: 0.93 >= 0.9 x — holds"`` (or ``— not measured: why``)."""
         unit = f" {self.unit}" if self.unit else ""
-        return f"{self.name}: {_fmt(self.measured)} {self.op} {_fmt(self.target)}{unit} — {verdict}"
+        if self.measured is None:
+            return f"{self.name}: {self.op} {_fmt(self.target)}{unit} — not measured: {self.detail}"
+        verdict = "holds" if self.holds else "DOES NOT HOLD"
+        changed = " (target changed by --set)" if self.target_changed else ""
+        return (f"{self.name}: {_fmt(self.measured)} {self.op} {_fmt(self.target)}{unit}"
+                f"{changed} — {verdict}")
 
 
 @dataclass
@@ -87,6 +119,8 @@ class Report:
     config: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     smoke: bool = False
+    mode: str = "default"
+    overrides: dict[str, Any] = field(default_factory=dict)
     kind: str = "run"
     elapsed_s: float = float("nan")
     machine: dict[str, Any] = field(default_factory=dict)
@@ -101,9 +135,17 @@ class Report:
         return float(value)
 
     def claim(self, name: str, measured: float, target: float, op: str = ">=", unit: str = "",
-              detail: str = "", holds: bool | None = None) -> Claim:
-        """Record a :class:`Claim` (also stored as metric ``name``) and return it."""
-        c = Claim(name, measured, target, op, unit, holds, detail)
+              detail: str = "", holds: bool | None = None, target_source: str = "") -> Claim:
+        """Record a measured :class:`Claim` and return it (``target_source``: the Config
+        field the target came from, so that a ``--set`` of it is shown)."""
+        c = Claim(name, measured, target, op, unit, holds, detail, target_source)
+        self.claims.append(c)
+        return c
+
+    def not_measured(self, name: str, target: float, op: str = ">=", unit: str = "", *,
+                     reason: str, target_source: str = "") -> Claim:
+        """Record a claim that could not be measured in this run, with the reason."""
+        c = Claim(name, None, target, op, unit, None, reason, target_source)
         self.claims.append(c)
         return c
 
@@ -119,8 +161,13 @@ class Report:
     # -- reading -------------------------------------------------------------------------
     @property
     def holds(self) -> bool:
-        """True when the run finished and every claim held."""
-        return self.error is None and all(c.holds for c in self.claims)
+        """True when the run finished and every claim was measured and held."""
+        return self.error is None and all(c.status == HOLDS for c in self.claims)
+
+    @property
+    def unmeasured(self) -> list[Claim]:
+        """The claims that were not measured in this run."""
+        return [c for c in self.claims if c.status == NOT_MEASURED]
 
     def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
         """JSON-ready dict (figure paths relative to ``relative_to`` when given)."""
@@ -137,11 +184,13 @@ class Report:
             "method": self.method,
             "kind": self.kind,
             "smoke": self.smoke,
+            "mode": self.mode,
             "seed": self.seed,
+            "overrides": _jsonable(self.overrides),
             "config": _jsonable(self.config),
             "metrics": {k: _num(v) for k, v in self.metrics.items()},
-            "claims": [{**asdict(c), "measured": _num(c.measured), "target": _num(c.target)}
-                       for c in self.claims],
+            "claims": [{**asdict(c), "measured": _num(c.measured), "target": _num(c.target),
+                        "status": c.status} for c in self.claims],
             "holds": self.holds,
             "figures": [rel(p) for p in self.figures],
             "notes": list(self.notes),
@@ -174,17 +223,15 @@ def write_tour(reports: list[Report], out: Path, title: str = "mlatlas tour") ->
 
 def _markdown(reports: list[Report], out: Path, title: str) -> str:
     lines = [f"# {title}", ""]
-    n_claims = sum(len(r.claims) for r in reports)
-    n_hold = sum(c.holds for r in reports for c in r.claims)
-    lines += [f"{n_hold} of {n_claims} claims hold across {len(reports)} run(s).", "",
+    lines += [f"{claims_summary(reports)} across {len(reports)} run(s).", "",
               "| method | claim | measured | target | holds |", "|---|---|---|---|---|"]
     for r in reports:
         if r.error:
             lines.append(f"| {r.method} | run failed: {_md_cell(r.error)} | | | ✗ |")
         for c in r.claims:
             unit = f" {c.unit}" if c.unit else ""
-            lines.append(f"| {r.method} | {_md_cell(c.name)} | {_fmt(c.measured)}{unit} | "
-                         f"{c.op} {_fmt(c.target)}{unit} | {'✓' if c.holds else '✗'} |")
+            lines.append(f"| {r.method} | {_md_cell(c.name)} | {_measured(c)}{unit} | "
+                         f"{c.op} {_fmt(c.target)}{unit}{_changed(c)} | {_VERDICT[c.status]} |")
     for r in reports:
         lines += ["", f"## {r.method}", "",
                   f"seed {r.seed}, {_fmt(r.elapsed_s)} s{' (smoke)' if r.smoke else ''}", ""]
@@ -208,8 +255,9 @@ def _html(reports: list[Report], out: Path, title: str) -> str:
             unit = f" {e(c.unit)}" if c.unit else ""
             rows.append(
                 f"<tr class='{'ok' if c.holds else 'no'}'><td><a href='#{e(r.method)}'>"
-                f"{e(r.method)}</a></td><td>{e(c.name)}</td><td>{_fmt(c.measured)}{unit}</td>"
-                f"<td>{e(c.op)} {_fmt(c.target)}{unit}</td><td>{'✓' if c.holds else '✗'}</td></tr>")
+                f"{e(r.method)}</a></td><td>{e(c.name)}</td><td>{e(_measured(c))}{unit}</td>"
+                f"<td>{e(c.op)} {_fmt(c.target)}{unit}{e(_changed(c))}</td>"
+                f"<td>{_VERDICT[c.status]}</td></tr>")
     sections = []
     for r in reports:
         metrics = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td></tr>"
@@ -221,8 +269,6 @@ def _html(reports: list[Report], out: Path, title: str) -> str:
             f"<section id='{e(r.method)}'><h2>{e(r.method)}</h2>"
             f"<p>seed {r.seed} · {_fmt(r.elapsed_s)} s{' · smoke' if r.smoke else ''}</p>"
             f"<table class='m'>{metrics}</table><ul>{notes}</ul>{figs}</section>")
-    n_claims = sum(len(r.claims) for r in reports)
-    n_hold = sum(c.holds for r in reports for c in r.claims)
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:left}tr.ok td:last-child{color:#080}"
@@ -230,12 +276,32 @@ def _html(reports: list[Report], out: Path, title: str) -> str:
              "figure{display:inline-block;max-width:48%;margin:0.5em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{style}</style></head><body><h1>{e(title)}</h1>"
-            f"<p>{n_hold} of {n_claims} claims hold across {len(reports)} run(s).</p>"
+            f"<p>{e(claims_summary(reports))} across {len(reports)} run(s).</p>"
             "<table><tr><th>method</th><th>claim</th><th>measured</th><th>target</th>"
             f"<th>holds</th></tr>{''.join(rows)}</table>{''.join(sections)}</body></html>\n")
 
 
 # ------------------------------------------------------------------------------ helpers
+_VERDICT = {HOLDS: "✓", FAILS: "✗", NOT_MEASURED: "not measured"}
+
+
+def claims_summary(reports: list[Report]) -> str:
+    """``"12 of 14 claims hold, 1 not measured"`` over the claims of ``reports``."""
+    claims = [c for r in reports for c in r.claims]
+    held = sum(c.status == HOLDS for c in claims)
+    missing = sum(c.status == NOT_MEASURED for c in claims)
+    text = f"{held} of {len(claims)} claims hold"
+    return text + (f", {missing} not measured" if missing else "")
+
+
+def _measured(c: Claim) -> str:
+    return "—" if c.measured is None else _fmt(c.measured)
+
+
+def _changed(c: Claim) -> str:
+    return " (changed by --set)" if c.target_changed else ""
+
+
 def _fmt(x: float) -> str:
     x = float(x)
     if math.isnan(x) or math.isinf(x):
@@ -245,7 +311,9 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _num(x: float) -> float | None:
+def _num(x: float | None) -> float | None:
+    if x is None:
+        return None
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
 

@@ -6,15 +6,21 @@ The command line is a thin layer over this module; tests and notebooks can call 
     report = run_method("gridworld", out="runs/gridworld")
 
 An experiment module (``mlatlas.experiments.<field>.<name>``) provides a ``Config``
-dataclass whose defaults are the ≤ 30 s CPU run, an optional ``Config.full()`` for the
-headline run, ``run(cfg, out, *, smoke=False) -> Report`` and optionally
-``bench(cfg, out) -> Report``.
+dataclass whose defaults are the ≤ 30 s CPU run, ``Config.smoke()`` (a few steps, for
+tests), an optional ``Config.full()`` for the headline run, ``run(cfg, out) -> Report`` and
+optionally ``bench(cfg, out) -> Report``. The run mode lives in the Config alone: the
+experiment never asks which mode it is in.
+
+Around every run the runner seeds Python, NumPy and torch from ``cfg.seed``, pins torch's
+thread count to ``cfg.threads`` when the Config has that field (> 0), turns torch's
+deterministic algorithms on, and restores the thread count and the switch afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import time
 import traceback
 import types
@@ -25,18 +31,24 @@ from pathlib import Path
 from typing import Any
 
 from mlatlas import catalog
-from mlatlas.report import Report, write_run, write_tour
+from mlatlas.report import Report, claims_summary, write_run, write_tour
 
 __all__ = [
+    "MODES",
     "ConfigError",
     "NotBuiltError",
     "default_out",
     "load_experiment",
+    "changed_fields",
     "make_config",
     "run_bench",
     "run_method",
     "run_tour",
 ]
+
+
+#: Run modes: the Config's defaults, ``Config.smoke()`` and ``Config.full()``.
+MODES = ("default", "smoke", "full")
 
 
 class ConfigError(ValueError):
@@ -60,21 +72,30 @@ def load_experiment(method_id: str) -> types.ModuleType:
     return importlib.import_module(method.experiment)
 
 
-def make_config(module: types.ModuleType, *, full: bool = False,
+def make_config(module: types.ModuleType, *, mode: str = "default",
                 overrides: Iterable[str] = (), seed: int | None = None) -> Any:
-    """Build an experiment's ``Config``: default or ``full()``, then ``k=v`` overrides.
+    """Build an experiment's ``Config`` for a run mode, then apply ``k=v`` overrides.
 
     Args:
         module: The experiment module.
-        full: Use ``Config.full()`` (the headline run) when the experiment defines it.
+        mode: ``"default"`` (``Config()``), ``"smoke"`` (``Config.smoke()``) or ``"full"``
+            (``Config.full()``; the default Config when the experiment has no full run).
         overrides: ``"field=value"`` strings, converted to the field's annotated type.
-        seed: Overrides ``cfg.seed`` when given.
+        seed: Overrides ``cfg.seed`` when given (a non-negative int).
 
     Raises:
-        ConfigError: unknown field, malformed override or a value that does not convert.
+        ConfigError: unknown mode, unknown field, malformed override, a value that does not
+            convert, or a negative seed.
     """
     cls = module.Config
-    cfg = cls.full() if full and hasattr(cls, "full") else cls()
+    if mode not in MODES:
+        raise ConfigError(f"run mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "smoke" and hasattr(cls, "smoke"):  # TODO(house-v2): every Config has smoke()
+        cfg = cls.smoke()
+    elif mode == "full" and hasattr(cls, "full"):
+        cfg = cls.full()
+    else:
+        cfg = cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     changes: dict[str, Any] = {}
@@ -89,14 +110,32 @@ def make_config(module: types.ModuleType, *, full: bool = False,
     if seed is not None:
         if "seed" not in fields:
             raise ConfigError(f"{module.__name__}.Config has no 'seed' field")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"--seed must be a non-negative int, got {seed!r}")
         changes["seed"] = seed
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    try:
+        return dataclasses.replace(cfg, **changes) if changes else cfg
+    except (TypeError, ValueError) as exc:  # a Config's own __post_init__ check
+        raise ConfigError(f"{module.__name__}.Config: {exc}") from None
+
+
+def changed_fields(module: types.ModuleType, cfg: Any, mode: str = "default") -> dict[str, Any]:
+    """The fields of ``cfg`` that differ from the Config of ``mode`` (what ``--set`` changed)."""
+    base = make_config(module, mode=mode)
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name)}
 
 
 def default_out(method_id: str, kind: str = "run") -> Path:
     """``runs/<id>/<timestamp>/`` (``bench-<timestamp>`` for benchmarks)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / method_id / (stamp if kind == "run" else f"{kind}-{stamp}")
+
+
+def _mode(smoke: bool, full: bool) -> str:
+    if smoke and full:
+        raise ConfigError("choose one run mode: smoke or full, not both")
+    return "smoke" if smoke else "full" if full else "default"
 
 
 def run_method(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
@@ -108,20 +147,31 @@ def run_method(method_id: str, cfg: Any = None, out: str | Path | None = None, *
         method_id: Catalog id.
         cfg: A ready ``Config``; built with :func:`make_config` when None.
         out: Output folder; :func:`default_out` when None.
-        smoke: Run a few steps only (tests).
-        full: Use ``Config.full()``.
+        smoke: Use ``Config.smoke()`` (a few steps, for tests).
+        full: Use ``Config.full()`` (the headline run).
         overrides: ``"field=value"`` overrides.
         seed: Seed override.
     """
     module = load_experiment(method_id)
+    mode = _mode(smoke, full)
     if cfg is None:
-        cfg = make_config(module, full=full, overrides=overrides, seed=seed)
-    return _execute(method_id, module.run, cfg, out, smoke=smoke, kind="run")
+        cfg = make_config(module, mode=mode, overrides=overrides, seed=seed)
+    return _execute(method_id, module, module.run, cfg, out, mode=mode, kind="run")
 
 
 def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
-              overrides: Iterable[str] = (), seed: int | None = None) -> Report:
+              smoke: bool = False, overrides: Iterable[str] = (),
+              seed: int | None = None) -> Report:
     """Run an experiment's ``bench`` (speed/memory, side by side) and write its report.
+
+    Args:
+        method_id: Catalog id.
+        cfg: A ready ``Config``; built with :func:`make_config` when None.
+        out: Output folder; :func:`default_out` when None.
+        smoke: Use ``Config.smoke()`` (tiny sizes: checks the bench runs, measures nothing
+            worth reading).
+        overrides: ``"field=value"`` overrides.
+        seed: Seed override.
 
     Raises:
         NotBuiltError: the experiment has no benchmark.
@@ -130,9 +180,10 @@ def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
     if not hasattr(module, "bench"):
         raise NotBuiltError(f"method {method_id!r} has no benchmark (its claim is not about "
                             "speed or memory)")
+    mode = _mode(smoke, False)
     if cfg is None:
-        cfg = make_config(module, overrides=overrides, seed=seed)
-    return _execute(method_id, module.bench, cfg, out, smoke=False, kind="bench")
+        cfg = make_config(module, mode=mode, overrides=overrides, seed=seed)
+    return _execute(method_id, module, module.bench, cfg, out, mode=mode, kind="bench")
 
 
 def run_tour(field: str | None = None, out: str | Path | None = None, *,
@@ -166,26 +217,38 @@ def run_tour(field: str | None = None, out: str | Path | None = None, *,
     return reports, page
 
 
-def _execute(method_id: str, fn: Any, cfg: Any, out: str | Path | None, *, smoke: bool,
-             kind: str) -> Report:
+def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
+             out: str | Path | None, *, mode: str, kind: str) -> Report:
     from mlatlas import runtime
 
     out = Path(out) if out is not None else default_out(method_id, kind)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {str(out)!r}: {exc.strerror}") from None
     seed = getattr(cfg, "seed", 0)
+    threads = getattr(cfg, "threads", None)
     runtime.seed_everything(seed)
-    runtime.deterministic(True)
-    with runtime.torch_threads():  # an experiment may pin torch threads; the next one must not inherit it
+    with runtime.torch_threads(threads), runtime.deterministic_algorithms(True):
         start = time.perf_counter()
-        report = fn(cfg, out, smoke=smoke) if kind == "run" else fn(cfg, out)
+        if "smoke" in inspect.signature(fn).parameters:  # TODO(house-v2): drop once migrated
+            report = fn(cfg, out, smoke=mode == "smoke")
+        else:
+            report = fn(cfg, out)
+        elapsed = time.perf_counter() - start
     if not isinstance(report, Report):
         raise TypeError(f"{method_id}: {kind}() must return a Report, got {type(report).__name__}")
+    changed = changed_fields(module, cfg, mode)
+    for claim in report.claims:
+        claim.target_changed = bool(claim.target_source) and claim.target_source in changed
     report.method = method_id
     report.kind = kind
-    report.smoke = smoke
+    report.mode = mode
+    report.smoke = mode == "smoke"
     report.seed = seed
     report.config = dataclasses.asdict(cfg)
-    report.elapsed_s = time.perf_counter() - start
+    report.overrides = {k: v for k, v in changed.items() if k != "seed"}
+    report.elapsed_s = elapsed
     report.machine = runtime.machine_info()
     report.versions = runtime.versions()
     report.out = out
@@ -196,9 +259,7 @@ def _execute(method_id: str, fn: Any, cfg: Any, out: str | Path | None, *, smoke
 def _summary_line(report: Report) -> str:
     if report.error:
         return f"  {report.method}: FAILED — {report.error}"
-    held = sum(c.holds for c in report.claims)
-    return (f"  {report.method}: {held}/{len(report.claims)} claims hold "
-            f"({report.elapsed_s:.1f} s)")
+    return f"  {report.method}: {claims_summary([report])} ({report.elapsed_s:.1f} s)"
 
 
 def _convert(name: str, text: str, tp: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Run-time switches every experiment shares: seeding, determinism, device, progress, timing.
+"""Run-time switches every experiment shares: seeding, determinism, threads, progress.
 
 Experiments call :func:`seed_everything` (the runner already does, with the run's seed) and
 wrap long loops in :func:`progress`. :func:`machine_info` and :func:`versions` are what the
@@ -13,14 +13,11 @@ import os
 import platform
 import random
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 __all__ = [
-    "Stopwatch",
-    "choose_device",
-    "deterministic",
+    "deterministic_algorithms",
     "machine_info",
     "progress",
     "progress_enabled",
@@ -58,45 +55,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deterministic(enabled: bool = True) -> None:
-    """Ask torch for deterministic kernels (warns instead of failing where none exists).
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Run the block with torch's deterministic-algorithms switch set, then restore it.
 
-    Same switch as ``torch.use_deterministic_algorithms(enabled, warn_only=True)``, minus its
-    import of ``torch._inductor.config`` (≈ 3.5 s on 2 cores, for a flag that only
-    ``torch.compile`` reads; mlatlas never compiles). When inductor is already loaded, its
-    ``deterministic`` flag is set too, as torch would.
+    ``torch.use_deterministic_algorithms(enabled, warn_only=True)`` (an op without a
+    deterministic kernel warns instead of failing) and, on CUDA, cuDNN's deterministic /
+    benchmark flags; every switch is put back as it was when the block ends, so a run never
+    leaves global state behind for the next one.
     """
     import torch
 
-    torch._C._set_deterministic_algorithms(enabled, warn_only=True)
-    inductor_config = sys.modules.get("torch._inductor.config")
-    if inductor_config is not None:
-        inductor_config.deterministic = enabled
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = not enabled
-        torch.backends.cudnn.deterministic = enabled
-
-
-def choose_device(prefer: str = "auto") -> Any:
-    """Return a ``torch.device``.
-
-    Args:
-        prefer: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
-
-    Raises:
-        ValueError: for an unknown ``prefer`` or ``"cuda"`` without a GPU.
-    """
-    import torch
-
-    if prefer == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if prefer == "cpu":
-        return torch.device("cpu")
-    if prefer == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-        return torch.device("cuda")
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {prefer!r}")
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.benchmark = not enabled
+    torch.backends.cudnn.deterministic = enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2:]
 
 
 @contextlib.contextmanager
@@ -119,10 +99,9 @@ def torch_threads(n: int | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def progress_enabled(smoke: bool = False) -> bool:
-    """Progress bars show on a terminal, unless smoke-testing or ``MLATLAS_NO_PROGRESS`` is set."""
-    return (not smoke and not os.environ.get("MLATLAS_NO_PROGRESS")
-            and sys.stderr.isatty())
+def progress_enabled() -> bool:
+    """Progress bars show on a terminal (stderr), unless ``MLATLAS_NO_PROGRESS`` is set."""
+    return not os.environ.get("MLATLAS_NO_PROGRESS") and sys.stderr.isatty()
 
 
 def progress(iterable: Iterable[T], total: int | None = None, description: str = "",
@@ -161,27 +140,6 @@ def progress(iterable: Iterable[T], total: int | None = None, description: str =
         for item in iterable:
             yield item
             bar.advance(task)
-
-
-class Stopwatch:
-    """Wall-clock timer: ``with Stopwatch() as sw: ...; sw.elapsed`` (seconds)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.stop: float | None = None
-
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        self.stop = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop = time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since start (or between start and stop once stopped)."""
-        return (self.stop if self.stop is not None else time.perf_counter()) - self.start
 
 
 def machine_info() -> dict[str, Any]:

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from mlatlas.datasets import toy2d
-from mlatlas.generative.ddpm import (
-    DDPMScheduler,
+from mlatlas.generative.ddpm import DDPMScheduler, denoise, mixture_epsilon
+from mlatlas.generative.noise_schedule import (
     NoiseSchedule,
-    denoise,
     epsilon_loss,
     inference_timesteps,
     make_betas,
-    mixture_epsilon,
 )
 from mlatlas.runtime import torch_threads
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlatlas.datasets import toy2d
-from mlatlas.generative.ddpm import NoiseSchedule, mixture_epsilon
+from mlatlas.generative.ddpm import mixture_epsilon
 from mlatlas.generative.guidance import (
     NoisyClassifier,
     cfg_loss,
@@ -16,6 +16,7 @@ from mlatlas.generative.guidance import (
     noisy_classifier_loss,
 )
 from mlatlas.generative.networks import MLPDenoiser
+from mlatlas.generative.noise_schedule import NoiseSchedule
 
 
 def test_cfg_is_the_extrapolation_of_two_passes():

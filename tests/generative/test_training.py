@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mlatlas.datasets import toy2d
-from mlatlas.generative.ddpm import NoiseSchedule, epsilon_loss
 from mlatlas.generative.networks import MLPDenoiser
+from mlatlas.generative.noise_schedule import NoiseSchedule, epsilon_loss
 from mlatlas.generative.training import lr_at, train_denoiser
 from mlatlas.runtime import torch_threads
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from same_grads import assert_same_grads
 
 import mlatlas.nn.activations as A
-from mlatlas.nn.activations import FeedForward, GatedFeedForward, get_activation
+from mlatlas.nn.activations import get_activation
+from mlatlas.nn.feedforward import FeedForward, GatedFeedForward
 
 # (ours, reference) for every parameter-free element-wise activation
 PAIRS = {

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlatlas.llm.checkpointing import (
+from mlatlas.llm.gradient_checkpointing import (
     SavedTensorMeter,
     checkpoint,
     checkpoint_sequential,

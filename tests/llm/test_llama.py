@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlatlas.llm.hf_checkpoint import config_from_hf, config_to_hf, hf_key_map
+from mlatlas.llm.hf_format import config_from_hf, config_to_hf, hf_key_map
 from mlatlas.llm.llama import KVCache, Llama, LlamaConfig, next_token_loss
 
 ATOL = RTOL = 1e-5  # fp32 CPU

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mlatlas.checkpoints import save_checkpoint
 from mlatlas.datasets.corpus import load_corpus
 from mlatlas.experiments.llm import llama as exp
+from mlatlas.training_state import save_checkpoint
 
 
 def _history() -> dict[str, list[float]]:

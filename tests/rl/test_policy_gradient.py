@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mlatlas.rl import dynamic_programming as dp
+from mlatlas.rl import policies
 from mlatlas.rl import policy_gradient as pg
 from mlatlas.rl.gridworld import GridWorld
 from mlatlas.rl.monte_carlo import rollout
@@ -19,14 +20,14 @@ def test_categorical_log_prob_and_entropy_match_torch_distributions(shape):
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(shape, generator=g)).requires_grad_()
     actions = torch.randint(shape[-1], shape[:-1], generator=g)
-    ours = pg.categorical_log_prob(logits, actions).sum() + pg.categorical_entropy(logits).sum()
+    ours = policies.categorical_log_prob(logits, actions).sum() + policies.categorical_entropy(logits).sum()
     (g_ours,) = torch.autograd.grad(ours, logits)
     ref_dist = torch.distributions.Categorical(logits=logits)
     ref = ref_dist.log_prob(actions).sum() + ref_dist.entropy().sum()
     (g_ref,) = torch.autograd.grad(ref, logits)
-    torch.testing.assert_close(pg.categorical_log_prob(logits, actions),
+    torch.testing.assert_close(policies.categorical_log_prob(logits, actions),
                                ref_dist.log_prob(actions), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(pg.categorical_entropy(logits), ref_dist.entropy(), atol=1e-6,
+    torch.testing.assert_close(policies.categorical_entropy(logits), ref_dist.entropy(), atol=1e-6,
                                rtol=1e-6)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-6)
 
@@ -36,8 +37,8 @@ def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     mean = torch.randn(7, 3, generator=g).requires_grad_()
     log_std = (0.5 * torch.randn(3, generator=g)).requires_grad_()
     actions = torch.randn(7, 3, generator=g)
-    lp = pg.gaussian_log_prob(mean, log_std, actions)
-    ent = pg.gaussian_entropy(log_std)
+    lp = policies.gaussian_log_prob(mean, log_std, actions)
+    ent = policies.gaussian_entropy(log_std)
     grads = torch.autograd.grad(lp.sum() + 2 * ent, (mean, log_std))
     ref = torch.distributions.Independent(torch.distributions.Normal(mean, log_std.exp()), 1)
     ref_lp, ref_ent = ref.log_prob(actions), ref.entropy()
@@ -54,7 +55,7 @@ def test_gaussian_with_per_example_log_std_matches_torch_distributions():
     mean = torch.randn(5, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
     log_std = (0.7 * torch.randn(5, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
     actions = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
-    lp, ent = pg.gaussian_log_prob(mean, log_std, actions), pg.gaussian_entropy(log_std)
+    lp, ent = policies.gaussian_log_prob(mean, log_std, actions), policies.gaussian_entropy(log_std)
     w = torch.randn(5, 3, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad((w * (lp + 0.5 * ent)).sum(), (mean, log_std))
     ref = torch.distributions.Independent(torch.distributions.Normal(mean, log_std.exp()), 1)
@@ -70,20 +71,20 @@ def test_gaussian_with_per_example_log_std_matches_torch_distributions():
 def test_policies_sample_and_score_consistently():
     torch.manual_seed(0)
     obs = torch.randn(5, 4)
-    cat = pg.CategoricalMLPPolicy(4, 3, hidden=(10,))
+    cat = policies.CategoricalMLPPolicy(4, 3, hidden=(10,))
     ref = torch.distributions.Categorical(logits=cat.logits(obs))
     a = cat.sample(obs, torch.Generator().manual_seed(0))
     assert a.shape == (5,) and a.dtype == torch.int64
     assert torch.equal(a, cat.sample(obs, torch.Generator().manual_seed(0)))
     torch.testing.assert_close(cat.log_prob(obs, a), ref.log_prob(a), atol=1e-6, rtol=1e-6)
-    gauss = pg.GaussianMLPPolicy(4, 2, hidden=(10, 6), log_std_init=-0.5)
+    gauss = policies.GaussianMLPPolicy(4, 2, hidden=(10, 6), log_std_init=-0.5)
     act = gauss.sample(obs, torch.Generator().manual_seed(0))
     assert act.shape == (5, 2)
     ref = torch.distributions.Normal(gauss.mean(obs), gauss.log_std.exp())
     torch.testing.assert_close(gauss.log_prob(obs, act), ref.log_prob(act).sum(-1), atol=1e-5,
                                rtol=1e-6)
     torch.testing.assert_close(gauss.entropy(obs), ref.entropy().sum(-1), atol=1e-6, rtol=1e-6)
-    tab = pg.TabularSoftmaxPolicy(6, 5)
+    tab = policies.TabularSoftmaxPolicy(6, 5)
     torch.testing.assert_close(tab.table(), torch.full((6, 5), 0.2))
 
 
@@ -113,7 +114,7 @@ def test_reinforce_estimate_is_unbiased(with_baseline):
     world, theta, rho0 = _world_and_theta()
     _, exact = pg.exact_policy_gradient(world.P, world.R, world.gamma, theta, rho0)
     g = torch.Generator().manual_seed(0)
-    policy = pg.TabularSoftmaxPolicy(12, 5).double()
+    policy = policies.TabularSoftmaxPolicy(12, 5).double()
     policy.theta.data.copy_(theta)
     B, T = 12_000, 50  # 0.8^50 ~ 1e-5: truncation is negligible
     states, actions, rewards = rollout(world, policy.table(), torch.randint(12, (B,), generator=g),
@@ -157,7 +158,7 @@ def test_reward_to_go_and_loss_gradient_by_hand():
 def test_gaussian_reinforce_learns_a_continuous_bandit():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    policy = pg.GaussianMLPPolicy(1, 1, hidden=(8,), log_std_init=0.0)
+    policy = policies.GaussianMLPPolicy(1, 1, hidden=(8,), log_std_init=0.0)
     opt = torch.optim.Adam(policy.parameters(), lr=0.05)
     obs = torch.zeros(64, 1)
     for _ in range(150):
@@ -175,7 +176,7 @@ def test_gaussian_reinforce_learns_a_continuous_bandit():
 def test_collect_episodes_on_cartpole(reference):
     gym = reference("gymnasium")
     envs = [gym.make("CartPole-v1") for _ in range(3)]
-    policy = pg.CategoricalMLPPolicy(4, 2, hidden=(8,))
+    policy = policies.CategoricalMLPPolicy(4, 2, hidden=(8,))
     b1 = pg.collect_episodes(envs, policy, 0.9, seeds=[1, 2, 3],
                              generator=torch.Generator().manual_seed(0))
     b2 = pg.collect_episodes(envs, policy, 0.9, seeds=[1, 2, 3],
@@ -188,7 +189,7 @@ def test_collect_episodes_on_cartpole(reference):
     torch.testing.assert_close(b1.returns[0], torch.tensor((1 - 0.9 ** n0) / (1 - 0.9)),
                                atol=1e-5, rtol=0)
     assert float(b1.discounts[n0]) == 1.0  # the second episode starts over
-    value = pg.ValueMLP(4, hidden=(8,))
+    value = policies.ValueMLP(4, hidden=(8,))
     opt = torch.optim.Adam([*policy.parameters(), *value.parameters()], lr=1e-2)
     stats = pg.reinforce_update(policy, value, opt, b1)
     assert set(stats) == {"policy_loss", "value_loss", "entropy"}
@@ -218,27 +219,27 @@ def test_cartpole_resume_equals_uninterrupted(tmp_path, reference):
 def test_bad_input():
     logits = torch.zeros(4, 3)
     with pytest.raises(TypeError, match="actions must be an integer tensor"):
-        pg.categorical_log_prob(logits, torch.zeros(4))
+        policies.categorical_log_prob(logits, torch.zeros(4))
     with pytest.raises(ValueError, match=r"actions must have shape \(4,\)"):
-        pg.categorical_log_prob(logits, torch.zeros(5, dtype=torch.int64))
+        policies.categorical_log_prob(logits, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="actions must have the shape of mean"):
-        pg.gaussian_log_prob(torch.zeros(4, 2), torch.zeros(2), torch.zeros(4, 3))
+        policies.gaussian_log_prob(torch.zeros(4, 2), torch.zeros(2), torch.zeros(4, 3))
     with pytest.raises(TypeError, match="obs must be int64 state indices"):
-        pg.TabularSoftmaxPolicy(3, 2).logits(torch.zeros(2))
+        policies.TabularSoftmaxPolicy(3, 2).logits(torch.zeros(2))
     with pytest.raises(ValueError, match=r"log_probs and returns must both have shape \(N,\)"):
         pg.reinforce_loss(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
         pg.reward_to_go(torch.zeros(3), 1.5)
     with pytest.raises(ValueError, match="sizes needs at least input and output sizes"):
-        pg.mlp([4])
+        policies.mlp([4])
     with pytest.raises(ValueError, match=r"log_probs and returns must both have shape \(N,\), "
                        r"got \(3, 1\) and \(3, 1\)"):
         pg.reinforce_loss(torch.zeros(3, 1), torch.zeros(3, 1))
     with pytest.raises(ValueError, match=r"actions must have the shape of mean \(4, 2\), got \(4,\)"):
-        pg.GaussianMLPPolicy(3, 2, hidden=(5,)).log_prob(torch.zeros(4, 3), torch.zeros(4))
+        policies.GaussianMLPPolicy(3, 2, hidden=(5,)).log_prob(torch.zeros(4, 3), torch.zeros(4))
     with pytest.raises(TypeError, match="actions must be an integer tensor, got dtype "
                        "torch.float32"):
-        pg.CategoricalMLPPolicy(3, 2, hidden=(5,)).log_prob(torch.zeros(4, 3), torch.zeros(4))
+        policies.CategoricalMLPPolicy(3, 2, hidden=(5,)).log_prob(torch.zeros(4, 3), torch.zeros(4))
 
 
 def test_reinforce_loss_rejects_baseline_or_discounts_that_would_broadcast():

@@ -39,45 +39,11 @@ import math
 import torch
 from torch import Tensor
 
-from mlatlas.attention.reference import QKVShape, check_qkv
+from mlatlas.attention.reference import QKVShape, check_cu_seqlens, check_qkv
 
-__all__ = ["flash_attention", "check_cu_seqlens", "segments"]
+__all__ = ["flash_attention", "segments"]
 
 Segment = tuple[int, int, int, int]  # (q_start, q_end, k_start, k_end) along the seq dim
-
-
-def check_cu_seqlens(cu_seqlens: Tensor | None, cu_seqlens_k: Tensor | None,
-                     shp: QKVShape) -> tuple[Tensor | None, Tensor | None]:
-    """Validate packed-sequence boundaries; ``cu_seqlens_k`` defaults to ``cu_seqlens``.
-
-    Raises:
-        TypeError: a non-integer tensor.
-        ValueError: wrong rank/length, a batch other than 1, not starting at 0, decreasing,
-            or not ending at the packed length.
-    """
-    if cu_seqlens is None:
-        if cu_seqlens_k is not None:
-            raise ValueError("cu_seqlens_k needs cu_seqlens (the query boundaries), got None")
-        return None, None
-    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
-    if shp.batch != 1:
-        raise ValueError(f"with cu_seqlens, sequences are packed along seq: batch must be 1, "
-                         f"got {shp.batch}")
-    for name, cu, total in (("cu_seqlens", cu_seqlens, shp.seq_q),
-                            ("cu_seqlens_k", cu_seqlens_k, shp.seq_k)):
-        if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64):
-            got = cu.dtype if isinstance(cu, Tensor) else type(cu).__name__
-            raise TypeError(f"{name} must be an int32/int64 tensor, got {got}")
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be 1-D [num_seqs + 1], got shape {tuple(cu.shape)}")
-        vals = cu.tolist()
-        if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals, vals[1:])):
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed "
-                             f"length {total}, got {vals}")
-    if cu_seqlens.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens and cu_seqlens_k must hold the same number of sequences, "
-                         f"got {cu_seqlens.numel() - 1} and {cu_seqlens_k.numel() - 1}")
-    return cu_seqlens, cu_seqlens_k
 
 
 def segments(shp: QKVShape, cu_q: Tensor | None, cu_k: Tensor | None) -> list[Segment]:
@@ -246,7 +212,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
 
     Raises:
         TypeError, ValueError: see :func:`~mlatlas.attention.reference.check_qkv` and
-            :func:`check_cu_seqlens`; bad ``block_q``/``block_k``.
+            :func:`~mlatlas.attention.reference.check_cu_seqlens`; bad ``block_q``/``block_k``.
     """
     shp = check_qkv(q, k, v, key_padding_mask, scale)
     _check_block("block_q", block_q)

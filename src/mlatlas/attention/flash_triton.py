@@ -39,9 +39,8 @@ from torch import Tensor
 # triton is reached only through the kernels module, which picks the interpret mode before
 # triton's first import
 from mlatlas.attention import flash_triton_kernels as kernels
-from mlatlas.attention.flash import check_cu_seqlens
 from mlatlas.attention.flash_triton_kernels import INTERPRETED
-from mlatlas.attention.reference import QKVShape, check_qkv
+from mlatlas.attention.reference import QKVShape, check_cu_seqlens, check_qkv
 
 __all__ = ["INTERPRETED", "MAX_HEAD_DIM", "flash_attention_triton"]
 

@@ -3,8 +3,9 @@
 ``naive_attention`` is the textbook ``softmax(Q Kᵀ · scale + mask) V`` that builds the full
 ``[Nq, Nk]`` score matrix: the baseline the efficient kernels of :mod:`mlatlas.attention` are
 compared and benchmarked against (Vaswani et al. 2017, arXiv:1706.03762, eq. (1)).
-:func:`check_qkv` validates ``[batch, heads, seq, head_dim]`` inputs with messages that name
-the argument, what was expected and what came.
+:func:`check_qkv` validates ``[batch, heads, seq, head_dim]`` inputs and
+:func:`check_cu_seqlens` packed-sequence boundaries (the one ``cu_seqlens`` contract of
+mlatlas), with messages that name the argument, what was expected and what came.
 
 Conventions (identical to ``torch.nn.functional.scaled_dot_product_attention``):
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["QKVShape", "check_qkv", "naive_attention"]
+__all__ = ["QKVShape", "check_cu_seqlens", "check_qkv", "naive_attention"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,40 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None =
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     return QKVShape(b, hq, hk, nq, nk, d)
+
+
+def check_cu_seqlens(cu_seqlens: Tensor | None, cu_seqlens_k: Tensor | None,
+                     shp: QKVShape) -> tuple[Tensor | None, Tensor | None]:
+    """Validate packed-sequence boundaries; ``cu_seqlens_k`` defaults to ``cu_seqlens``.
+
+    Raises:
+        TypeError: a non-integer tensor.
+        ValueError: wrong rank/length, a batch other than 1, not starting at 0, decreasing,
+            or not ending at the packed length.
+    """
+    if cu_seqlens is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k needs cu_seqlens (the query boundaries), got None")
+        return None, None
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if shp.batch != 1:
+        raise ValueError(f"with cu_seqlens, sequences are packed along seq: batch must be 1, "
+                         f"got {shp.batch}")
+    for name, cu, total in (("cu_seqlens", cu_seqlens, shp.seq_q),
+                            ("cu_seqlens_k", cu_seqlens_k, shp.seq_k)):
+        if not isinstance(cu, Tensor) or cu.dtype not in (torch.int32, torch.int64):
+            got = cu.dtype if isinstance(cu, Tensor) else type(cu).__name__
+            raise TypeError(f"{name} must be an int32/int64 tensor, got {got}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be 1-D [num_seqs + 1], got shape {tuple(cu.shape)}")
+        vals = cu.tolist()
+        if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals, vals[1:])):
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at the packed "
+                             f"length {total}, got {vals}")
+    if cu_seqlens.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens and cu_seqlens_k must hold the same number of sequences, "
+                         f"got {cu_seqlens.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    return cu_seqlens, cu_seqlens_k
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,

@@ -28,30 +28,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mlatlas.generative.noise_schedule import (  # re-exported: DDPM's forward process
-    BETA_SCHEDULES,
+from mlatlas.generative.noise_schedule import (
     PREDICTION_TYPES,
     SPACINGS,
     NoiseSchedule,
     SchedulerOutput,
-    epsilon_loss,
     inference_timesteps,
-    make_betas,
     randn_like_diffusers,
 )
 
 __all__ = [
-    "BETA_SCHEDULES",
-    "PREDICTION_TYPES",
-    "SPACINGS",
     "VARIANCE_TYPES",
     "DDPMScheduler",
-    "NoiseSchedule",
-    "SchedulerOutput",
     "denoise",
-    "epsilon_loss",
-    "inference_timesteps",
-    "make_betas",
     "mixture_epsilon",
     "network_fn",
     "predict_x0_eps",

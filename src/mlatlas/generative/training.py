@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mlatlas.checkpoints import checkpoint_info, load_checkpoint, save_checkpoint
 from mlatlas.runtime import progress
+from mlatlas.training_state import checkpoint_info, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainResult", "lr_at", "train_denoiser"]
 

@@ -8,7 +8,7 @@ and Efficient Foundation Language Models", arXiv:2302.13971; Ainslie et al. 2023
 arXiv:2305.13245; Grattafiori et al. 2024, "The Llama 3 Herd of Models", arXiv:2407.21783.
 
 Parameter names mirror Hugging Face's ``LlamaForCausalLM`` without its ``model.`` prefix; the
-exact map is :func:`mlatlas.llm.hf_checkpoint.hf_key_map`.
+exact map is :func:`mlatlas.llm.hf_format.hf_key_map`.
 
 =============  ============================================================
 ``B, T``       batch, query length;  ``S = P + T`` keys with ``P`` cached
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from mlatlas.llm.generation import KVCache
 from mlatlas.llm.packing import check_cu_seqlens, packed_position_ids
-from mlatlas.nn.activations import GatedFeedForward
+from mlatlas.nn.feedforward import GatedFeedForward
 from mlatlas.nn.norms import RMSNorm
 from mlatlas.nn.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -231,7 +231,7 @@ class Llama(nn.Module):
             when ``config.tie_word_embeddings``.
         layer_runner: ``None`` or a plain callable ``runner(layers, hidden, **layer_kwargs)
             → hidden`` that replaces the loop over ``layers`` when no KV cache is used (the
-            hook of :func:`mlatlas.llm.checkpointing.enable_checkpointing`; not a module, so
+            hook of :func:`mlatlas.llm.gradient_checkpointing.enable_checkpointing`; not a module, so
             the state dict never changes). ``layer_kwargs`` is exactly
             ``{"cos": Tensor [B|1, T, D], "sin": Tensor [B|1, T, D], "attn_mask": bool Tensor
             [B|1, 1, T, T] or None, "cu_seqlens": int Tensor [n_seg + 1] or None}`` (no
@@ -376,18 +376,18 @@ class Llama(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
         """Load a Hugging Face ``LlamaForCausalLM`` folder (config.json + *.safetensors).
 
-        See :func:`mlatlas.llm.hf_checkpoint.load_pretrained`.
+        See :func:`mlatlas.llm.hf_format.load_pretrained`.
         """
-        from mlatlas.llm.hf_checkpoint import load_pretrained
+        from mlatlas.llm.hf_format import load_pretrained
 
         return load_pretrained(path, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a folder ``transformers.LlamaForCausalLM.from_pretrained`` loads.
 
-        See :func:`mlatlas.llm.hf_checkpoint.save_pretrained`.
+        See :func:`mlatlas.llm.hf_format.save_pretrained`.
         """
-        from mlatlas.llm.hf_checkpoint import save_pretrained
+        from mlatlas.llm.hf_format import save_pretrained
 
         return save_pretrained(self, path)
 

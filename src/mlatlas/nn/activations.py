@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = [  # noqa: F822 (FeedForward, GatedFeedForward: lazily from mlatlas.nn.feedforward)
+__all__ = [
     "ACTIVATIONS", "PReLU", "elu", "gelu", "gelu_tanh", "geglu", "get_activation", "glu",
     "leaky_relu", "mish", "prelu", "reglu", "relu", "selu", "sigmoid", "silu", "softplus",
-    "step", "swiglu", "swish", "tanh", "FeedForward", "GatedFeedForward",
+    "step", "swiglu", "swish", "tanh",
 ]
 
 #: SELU's fixed point constants (Klambauer et al. 2017, eq. (14)).
@@ -284,13 +284,3 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
     if key not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[key]
-
-
-def __getattr__(name: str) -> Any:
-    # the feed-forward blocks live in mlatlas.nn.feedforward; re-exported here lazily (that
-    # module imports this one, so a top-level import would be circular)
-    if name in ("FeedForward", "GatedFeedForward", "GLU_KINDS"):
-        from mlatlas.nn import feedforward
-
-        return getattr(feedforward, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,33 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlatlas.rl.policies import (  # re-exported: the policies REINFORCE trains
-    CategoricalMLPPolicy,
-    GaussianMLPPolicy,
-    TabularSoftmaxPolicy,
-    TabularValue,
-    ValueMLP,
-    categorical_entropy,
-    categorical_log_prob,
-    gaussian_entropy,
-    gaussian_log_prob,
-    mlp,
-)
-
 __all__ = [
-    "CategoricalMLPPolicy",
     "EpisodeBatch",
-    "GaussianMLPPolicy",
-    "TabularSoftmaxPolicy",
-    "TabularValue",
-    "ValueMLP",
-    "categorical_entropy",
-    "categorical_log_prob",
     "collect_episodes",
     "exact_policy_gradient",
-    "gaussian_entropy",
-    "gaussian_log_prob",
-    "mlp",
     "reinforce_loss",
     "reinforce_update",
     "reward_to_go",

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlatlas.attention.transnormer import TransNormer
-from mlatlas.checkpoints import save_checkpoint
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.runtime import progress, torch_threads
+from mlatlas.training_state import save_checkpoint
 
 _MODELS = ("linear", "norm", "transnormer")
 

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mlatlas.checkpoints import save_checkpoint
 from mlatlas.datasets.census import EDUCATION, LANGUAGES, MARITAL, WORKCLASSES, make_census
 from mlatlas.experiments.features import load_tensorflow
 from mlatlas.features import feature_columns as F
@@ -36,6 +35,7 @@ from mlatlas.features.tfrecord import TFRecordWriter
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.runtime import progress
+from mlatlas.training_state import save_checkpoint
 
 LABEL = "income_50k"
 

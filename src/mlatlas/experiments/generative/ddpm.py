@@ -25,9 +25,10 @@ import torch
 from mlatlas.datasets import toy2d
 from mlatlas.datasets.digits import load_digits
 from mlatlas.generative import metrics
-from mlatlas.generative.ddpm import DDPMScheduler, denoise, epsilon_loss, network_fn
+from mlatlas.generative.ddpm import DDPMScheduler, denoise, network_fn
 from mlatlas.generative.guidance import cfg_loss, classifier_free_guidance
 from mlatlas.generative.networks import MLPDenoiser, SmallUNet
+from mlatlas.generative.noise_schedule import epsilon_loss
 from mlatlas.generative.training import TrainResult, train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report

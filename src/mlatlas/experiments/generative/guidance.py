@@ -33,7 +33,7 @@ from mlatlas.datasets import toy2d
 from mlatlas.experiments.generative.ddpm import toy_model
 from mlatlas.generative import metrics
 from mlatlas.generative.ddim import DDIMScheduler, ddim_sample
-from mlatlas.generative.ddpm import NoiseSchedule, network_fn
+from mlatlas.generative.ddpm import network_fn
 from mlatlas.generative.guidance import (
     NoisyClassifier,
     cfg_loss,
@@ -41,6 +41,7 @@ from mlatlas.generative.guidance import (
     classifier_guidance,
     noisy_classifier_loss,
 )
+from mlatlas.generative.noise_schedule import NoiseSchedule
 from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report

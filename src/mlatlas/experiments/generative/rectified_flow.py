@@ -215,13 +215,8 @@ def _median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
 def bench(cfg: Config, out: Path) -> Report:
     """Quality (SW) and sampling wall time vs network evaluations: 1-RF, 2-RF, DDIM, DDPM."""
     from mlatlas.generative.ddim import DDIMScheduler, ddim_sample
-    from mlatlas.generative.ddpm import (
-        DDPMScheduler,
-        NoiseSchedule,
-        denoise,
-        epsilon_loss,
-        network_fn,
-    )
+    from mlatlas.generative.ddpm import DDPMScheduler, denoise, network_fn
+    from mlatlas.generative.noise_schedule import NoiseSchedule, epsilon_loss
 
     rep = Report()
     out = Path(out)

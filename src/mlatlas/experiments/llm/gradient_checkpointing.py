@@ -1,7 +1,7 @@
 """Gradient checkpointing on a tiny Llama: exact grads, √n activation memory, one extra forward.
 
 Activation memory is measured exactly and deterministically as the bytes of the distinct
-storages autograd saves for backward (:class:`mlatlas.llm.checkpointing.SavedTensorMeter`,
+storages autograd saves for backward (:class:`mlatlas.llm.gradient_checkpointing.SavedTensorMeter`,
 parameters excluded), around the decoder-layer stack (``Llama.layer_runner``), so embedding,
 head and loss — the same with or without checkpointing — do not dilute the scaling. Two
 numbers per configuration:
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mlatlas.llm.checkpointing import (
+from mlatlas.llm.gradient_checkpointing import (
     SavedTensorMeter,
     disable_checkpointing,
     enable_checkpointing,

@@ -12,7 +12,7 @@ tokenized with a 512-token byte-level BPE trained on the training documents. Cla
   recomputing the whole prefix at every step.
 
 The run writes a resumable training checkpoint (weights, AdamW state, step, data RNG) with
-:mod:`mlatlas.checkpoints`, and the trained model as a Hugging Face folder (``hf/``, with the
+:mod:`mlatlas.training_state`, and the trained model as a Hugging Face folder (``hf/``, with the
 tokenizer) that ``transformers.LlamaForCausalLM.from_pretrained`` loads.
 """
 
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from mlatlas.checkpoints import load_checkpoint, save_checkpoint
 from mlatlas.datasets.corpus import Corpus, load_corpus, sample_windows, unigram_entropy
 from mlatlas.llm.llama import Llama, LlamaConfig
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.runtime import progress
+from mlatlas.training_state import load_checkpoint, save_checkpoint
 
 
 @dataclass

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlatlas.checkpoints import load_checkpoint, save_checkpoint
 from mlatlas.experiments.rl.gridworld import plot_grid
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.rl import dynamic_programming as dp
+from mlatlas.rl import policies
 from mlatlas.rl import policy_gradient as pg
 from mlatlas.rl.gridworld import GridWorld
 from mlatlas.rl.monte_carlo import rollout
 from mlatlas.runtime import progress, torch_threads
+from mlatlas.training_state import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
     S, A = world.n_states, world.n_actions
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    policy, value = pg.TabularSoftmaxPolicy(S, A), pg.TabularValue(S)
+    policy, value = policies.TabularSoftmaxPolicy(S, A), policies.TabularValue(S)
     # plain gradient ascent for the logits: adaptive steps commit too early to a deterministic
     # action, where the softmax gradient vanishes; Adam for the value table
     opt = torch.optim.SGD(policy.parameters(), lr=cfg.grid_lr)
@@ -94,7 +95,7 @@ def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
     disc = (world.gamma ** torch.arange(cfg.grid_length, dtype=torch.float64)).expand(
         n_check, -1).reshape(-1)
     v0 = dp.evaluate_policy(world, dp.uniform_policy(world))
-    logp = pg.categorical_log_prob(policy.theta.double()[states.reshape(-1)], actions.reshape(-1))
+    logp = policies.categorical_log_prob(policy.theta.double()[states.reshape(-1)], actions.reshape(-1))
     loss = pg.reinforce_loss(logp, G, v0[states.reshape(-1)], disc, n_episodes=n_check)
     (estimate,) = torch.autograd.grad(-loss, policy.theta)
     J0, exact = pg.exact_policy_gradient(world.P, world.R, world.gamma, policy.theta, rho0)
@@ -157,8 +158,8 @@ def _cartpole(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
     envs = [gymnasium.make("CartPole-v1") for _ in range(cfg.n_envs)]
     obs_dim = envs[0].observation_space.shape[0]
     model = nn.ModuleDict({
-        "policy": pg.CategoricalMLPPolicy(obs_dim, envs[0].action_space.n, (cfg.hidden,) * 2),
-        "value": pg.ValueMLP(obs_dim, (cfg.hidden,) * 2)})
+        "policy": policies.CategoricalMLPPolicy(obs_dim, envs[0].action_space.n, (cfg.hidden,) * 2),
+        "value": policies.ValueMLP(obs_dim, (cfg.hidden,) * 2)})
     opt = torch.optim.Adam([{"params": model["policy"].parameters(), "lr": cfg.lr},
                             {"params": model["value"].parameters(), "lr": cfg.value_lr}])
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlatlas.checkpoints import load_checkpoint, save_checkpoint
+from mlatlas.training_state import load_checkpoint, save_checkpoint
 
 
 def _train(model, opt, gen, steps):
@@ -63,7 +63,7 @@ def test_bad_checkpoints(tmp_path):
 
 
 def test_checkpoint_info_reads_metadata_only(tmp_path):
-    from mlatlas.checkpoints import checkpoint_info
+    from mlatlas.training_state import checkpoint_info
 
     model, opt, _ = _setup()
     path = save_checkpoint(tmp_path / "ck.safetensors", model, opt, step=9, extra={"tag": "a"})

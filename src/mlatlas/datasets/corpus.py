@@ -151,6 +151,40 @@ class CorpusTokenizer:
         self.vocab_size = self._bpe.get_vocab_size()
         self.eot_id = self._bpe.token_to_id(EOT)
 
+    def save(self, path: str | Path) -> Path:
+        """Write the BPE as a Hugging Face ``tokenizer.json`` (``tokenizers`` format).
+
+        Raises:
+            ValueError: for the bytes tokenizer (it has nothing to save).
+        """
+        if self._bpe is None:
+            raise ValueError("the bytes tokenizer has nothing to save (kind='bytes')")
+        path = Path(path)
+        self._bpe.save(str(path))
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CorpusTokenizer:
+        """Load a BPE saved by :meth:`save` (no retraining).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file's vocabulary has no ``<|endoftext|>`` token.
+        """
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        tok = cls.__new__(cls)
+        tok.kind = "bpe"
+        tok._bpe = Tokenizer.from_file(str(path))
+        tok.vocab_size = tok._bpe.get_vocab_size()
+        tok.eot_id = tok._bpe.token_to_id(EOT)
+        if tok.eot_id is None:
+            raise ValueError(f"{path} has no {EOT!r} token: not a corpus tokenizer")
+        return tok
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no end-of-text appended)."""
         if not isinstance(text, str):

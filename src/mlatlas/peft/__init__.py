@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: LoRA, prefix tuning and bottleneck adapters."""

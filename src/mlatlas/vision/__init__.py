@@ -1,0 +1,1 @@
+"""Vision: detection (boxes, upsampling, SPP, deformable convolution, R-FCN, YOLO) and more."""

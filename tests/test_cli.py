@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,12 +13,49 @@ from mlatlas import catalog
 from mlatlas.cli import EXIT_CLAIM, EXIT_OK, EXIT_USAGE, main
 
 
-def test_list_shows_every_method(capsys):
-    assert main(["list"]) == EXIT_OK
-    out = capsys.readouterr().out
-    assert f"of {len(catalog.METHODS)} methods built" in out
+def test_list_in_a_pipe_is_tab_separated_and_never_cuts_an_id(capsys):
+    assert main(["list"]) == EXIT_OK  # capsys: stdout is not a terminal
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [m.id for m in catalog.METHODS]
+    for line, m in zip(lines, catalog.METHODS):
+        assert line.split("\t") == [m.id, m.field, "built" if m.built else "-", m.title]
+
+
+def test_list_pipe_through_cut_prints_every_whole_id():
+    res = subprocess.run(f"{sys.executable} -m mlatlas.cli list | cut -f1", shell=True,
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.split() == [m.id for m in catalog.METHODS]
+
+
+def test_list_long_and_json(capsys):
+    assert main(["list", "--long", "--built"]) == EXIT_OK
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    built = [m for m in catalog.METHODS if m.built]
+    assert [r[0] for r in rows] == [m.id for m in built]
+    assert all(r[4:] == [m.paper, m.reference, m.claim] for r, m in zip(rows, built))
+    assert main(["list", "--json", "--field", "rl"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert [d["id"] for d in data] == [m.id for m in catalog.by_field("rl")]
+    assert {"claim", "paper", "reference", "experiment", "built"} <= set(data[0])
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_list_table_keeps_id_field_built_whole_at_80_columns(long):
+    import io
+
+    from rich.console import Console
+
+    from mlatlas.cli import list_table
+
+    buf = io.StringIO()
+    Console(file=buf, width=80, force_terminal=False).print(
+        list_table(catalog.METHODS, long=long))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert f"{sum(m.built for m in catalog.METHODS)} of {len(catalog.METHODS)} methods built" \
+        in text
     for m in catalog.METHODS:
-        assert m.id[:12] in out
+        assert re.search(rf"[│ ]{re.escape(m.id)}[│ ]+{m.field}[│ ]+[✓·][│ ]", text), m.id
 
 
 def test_list_field_filters(capsys):
@@ -39,10 +77,65 @@ def test_unknown_id_exits_2_with_suggestions(capsys):
     assert "unknown method id 'gridwrld'" in err and "gridworld" in err
 
 
-def test_unknown_field_is_a_usage_error():
-    with pytest.raises(SystemExit) as exc:
-        main(["list", "--field", "astrology"])
-    assert exc.value.code == EXIT_USAGE
+@pytest.mark.parametrize(("argv", "names"), [
+    (["list", "--field", "astrology"], "argument --field: invalid choice: 'astrology'"),
+    (["run", "ddim", "--smoke", "--seed", "-5"], "argument --seed: expected a non-negative "
+     "integer, got '-5'"),
+    (["run", "ddim", "--seed", "x"], "argument --seed"),
+    (["run", "ddim", "--full", "--smoke"], "argument --smoke: not allowed with argument --full"),
+    (["tour", "--field", "nope"], "argument --field"),
+    (["tour", "gridwrld"], "unknown method id 'gridwrld'"),
+    (["bench", "nosuch"], "unknown method id 'nosuch'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["run"], "the following arguments are required: id"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(capsys, argv, names):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert names in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_arguments_from_the_console_never_print_a_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv in (["run", "ddim", "--smoke", "--seed", "-5"],
+                 ["run", "gridworld", "--smoke", "--out", str(blocker / "sub")],
+                 ["tour", "--smoke", "--out", str(blocker / "sub")],
+                 ["bench", "ddim", "--smoke", "--seed", "1.5"]):
+        res = subprocess.run([sys.executable, "-m", "mlatlas.cli", *argv], capture_output=True,
+                             text=True)
+        assert res.returncode == EXIT_USAGE, (argv, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def test_uncreatable_out_names_the_folder(fake_method, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "fake-method", "--out", str(blocker / "x")]) == EXIT_USAGE
+    assert f"--out {str(blocker / 'x')!r} cannot be created: {str(blocker)!r} is not a folder" \
+        in capsys.readouterr().err
+    assert main(["tour", "--out", str(blocker / "y")]) == EXIT_USAGE
+    assert "--out" in capsys.readouterr().err
+    from mlatlas import runner
+
+    with pytest.raises(runner.ConfigError, match="cannot create output folder"):
+        runner.run_method("fake-method", out=blocker / "z")
+
+
+def test_a_value_the_run_refuses_is_a_usage_error(fake_method, tmp_path, capsys, monkeypatch):
+    import fake_experiment
+
+    from mlatlas import runner
+
+    def picky(cfg, out):
+        if cfg.steps > 5:
+            raise ValueError(f"steps must be <= 5, got {cfg.steps}")
+        return fake_experiment.run(cfg, out)
+
+    monkeypatch.setattr(runner.load_experiment("fake-method"), "run", picky)
+    assert main(["run", "fake-method", "--out", str(tmp_path), "--set", "steps=9"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--set steps=9" in err and "steps must be <= 5, got 9" in err
 
 
 def test_unbuilt_method_exits_2(capsys, monkeypatch):
@@ -123,8 +216,17 @@ def test_bench_runs_and_missing_bench_exits_2(fake_method, tmp_path, capsys):
     assert main(["bench", "fake-method", "--out", str(tmp_path / "b")]) == EXIT_OK
     data = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert data["kind"] == "bench" and data["metrics"]["ratio"] == 2.0
+    assert main(["bench", "fake-method", "--smoke", "--out", str(tmp_path / "s")]) == EXIT_OK
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["mode"] == "smoke"
     assert main(["bench", "fake-broken", "--out", str(tmp_path / "c")]) == EXIT_USAGE
     assert "has no benchmark" in capsys.readouterr().err
+
+
+def test_tour_of_chosen_ids(fake_method, tmp_path, capsys):
+    assert main(["tour", "fake-method", "--smoke", "--out", str(tmp_path)]) == EXIT_OK
+    assert (tmp_path / "fake-method" / "metrics.json").exists()
+    assert not (tmp_path / "fake-broken").exists()
+    assert main(["tour", "fake-method", "--field", "llm", "--out", str(tmp_path)]) == EXIT_USAGE
 
 
 def test_console_script_is_installed():

@@ -160,7 +160,7 @@ def run_method(method_id: str, cfg: Any = None, out: str | Path | None = None, *
 
 
 def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
-              smoke: bool = False, overrides: Iterable[str] = (),
+              smoke: bool = False, full: bool = False, overrides: Iterable[str] = (),
               seed: int | None = None) -> Report:
     """Run an experiment's ``bench`` (speed/memory, side by side) and write its report.
 
@@ -170,6 +170,7 @@ def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
         out: Output folder; :func:`default_out` when None.
         smoke: Use ``Config.smoke()`` (tiny sizes: checks the bench runs, measures nothing
             worth reading).
+        full: Use ``Config.full()``.
         overrides: ``"field=value"`` overrides.
         seed: Seed override.
 
@@ -180,41 +181,71 @@ def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
     if not hasattr(module, "bench"):
         raise NotBuiltError(f"method {method_id!r} has no benchmark (its claim is not about "
                             "speed or memory)")
-    mode = _mode(smoke, False)
+    mode = _mode(smoke, full)
     if cfg is None:
         cfg = make_config(module, mode=mode, overrides=overrides, seed=seed)
     return _execute(method_id, module, module.bench, cfg, out, mode=mode, kind="bench")
 
 
 def run_tour(field: str | None = None, out: str | Path | None = None, *,
-             smoke: bool = False, echo: Any = None) -> tuple[list[Report], Path]:
-    """Run every built experiment (of ``field``) and write ``report.html``/``report.md``.
+             mode: str = "default", ids: Iterable[str] | None = None,
+             echo: Any = None) -> tuple[list[Report], Path]:
+    """Run every built experiment (of ``field``, or only ``ids``) and write the tour's report.
 
-    A run that raises is recorded as a failed report and the tour goes on.
+    A run that raises is recorded as a failed report (written to its folder too) and the
+    tour goes on.
+
+    Args:
+        field: Only this field's methods.
+        out: Tour folder; ``runs/tour/<timestamp>`` when None. Each run goes to ``out/<id>``.
+        mode: ``"default"``, ``"smoke"`` or ``"full"`` for every run.
+        ids: Only these method ids (in catalog order).
+        echo: Called with a line of progress per method (``print``), or None.
 
     Returns:
         The reports and the path of ``report.html``.
+
+    Raises:
+        ConfigError: unknown mode, or ``out`` cannot be created.
     """
+    if mode not in MODES:
+        raise ConfigError(f"run mode must be one of {', '.join(MODES)}, got {mode!r}")
     out = Path(out) if out is not None else Path("runs") / "tour" / datetime.now().strftime(
         "%Y%m%d-%H%M%S")
+    _make_dir(out)
+    wanted = None if ids is None else set(ids)
     reports = []
     for method in catalog.by_field(field):
-        if not method.built:
+        if not method.built or (wanted is not None and method.id not in wanted):
             continue
         if echo:
             echo(f"running {method.id} …")
-        try:
-            report = run_method(method.id, out=out / method.id, smoke=smoke)
-        except Exception as exc:  # one broken experiment must not hide the others
-            report = Report(method=method.id, smoke=smoke,
-                            error=f"{type(exc).__name__}: {exc}")
-            report.note(traceback.format_exc(limit=5))
-        reports.append(report)
+        reports.append(_tour_one(method.id, out / method.id, mode))
         if echo:
-            echo(_summary_line(report))
+            echo(_summary_line(reports[-1]))
     title = f"mlatlas tour{f' — {field}' if field else ''}"
     page, _ = write_tour(reports, out, title=title)
     return reports, page
+
+
+def _tour_one(method_id: str, out: Path, mode: str) -> Report:
+    try:
+        return run_method(method_id, out=out, smoke=mode == "smoke", full=mode == "full")
+    except Exception as exc:  # one broken experiment must not hide the others
+        report = Report(method=method_id, smoke=mode == "smoke", mode=mode,
+                        error=f"{type(exc).__name__}: {exc}")
+        report.note(traceback.format_exc(limit=5))
+        report.out = out
+        write_run(report, out)
+        return report
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {str(out)!r}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
@@ -222,10 +253,7 @@ def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
     from mlatlas import runtime
 
     out = Path(out) if out is not None else default_out(method_id, kind)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create output folder {str(out)!r}: {exc.strerror}") from None
+    _make_dir(out)
     seed = getattr(cfg, "seed", 0)
     threads = getattr(cfg, "threads", None)
     runtime.seed_everything(seed)

@@ -92,11 +92,11 @@ class TinyLlamaRecipe:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
-    steps: int = 1200
-    batch: int = 32
+    steps: int = 600
+    batch: int = 16
     seq_len: int = 128
     lr: float = 3e-3
-    warmup: int = 50
+    warmup: int = 30
     weight_decay: float = 0.1
     seed: int = 0
 

@@ -209,7 +209,45 @@ def test_tour_writes_html_and_md_and_survives_a_failure(fake_method, tmp_path, c
     assert "run failed: RuntimeError: boom" in page
     md = (tmp_path / "report.md").read_text()
     assert "| fake-method | steps reach target |" in md
+    assert "| fake-method (bench) | ours vs baseline speed-up | 2 x |" in md
     assert (tmp_path / "fake-method" / "metrics.json").exists()
+    bench = json.loads((tmp_path / "fake-method" / "bench" / "metrics.json").read_text())
+    assert bench["kind"] == "bench" and bench["mode"] == "default"
+    broken = json.loads((tmp_path / "fake-broken" / "metrics.json").read_text())
+    assert broken["error"] == "RuntimeError: boom" and broken["holds"] is False
+    out = capsys.readouterr().out
+    assert "fake-method bench: 1 of 1 claims hold" in out
+    assert "2 of 2 claims hold across 2 methods and 1 benchmarks" in out
+
+
+def test_tour_no_bench_and_modes(fake_method, tmp_path):
+    assert main(["tour", "fake-method", "--no-bench", "--full", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "fake-method" / "bench").exists()
+    data = json.loads((tmp_path / "fake-method" / "metrics.json").read_text())
+    assert data["mode"] == "full" and data["config"]["steps"] == 10
+    assert data["commit"] is None or len(data["commit"]) >= 7
+    assert data["date"][:2] == "20"
+
+
+def test_not_measured_never_reads_all_hold_and_fails_strict(fake_method, tmp_path, capsys,
+                                                           monkeypatch):
+    import fake_experiment
+
+    from mlatlas import runner
+
+    def half_measured(cfg, out):
+        rep = fake_experiment.run(cfg, out)
+        rep.not_measured("same as TF", 0.0, "<=", reason="TensorFlow is not importable")
+        return rep
+
+    monkeypatch.setattr(runner.load_experiment("fake-method"), "run", half_measured)
+    assert main(["run", "fake-method", "--out", str(tmp_path / "a")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "1 of 2 claims hold, 1 not measured" in out
+    assert "not measured: TensorFlow is not importable" in out
+    assert main(["run", "fake-method", "--strict", "--out", str(tmp_path / "b")]) == EXIT_CLAIM
+    assert main(["tour", "fake-method", "--strict", "--out", str(tmp_path / "c")]) == EXIT_CLAIM
+    assert "2 of 3 claims hold, 1 not measured" in capsys.readouterr().out
 
 
 def test_bench_runs_and_missing_bench_exits_2(fake_method, tmp_path, capsys):

@@ -1,8 +1,10 @@
-"""Every built catalog row's experiment runs end to end with ``smoke=True``.
+"""Every built catalog row's experiment (and benchmark) runs end to end with ``Config.smoke()``.
 
 This keeps the experiments honest between releases: a smoke run exercises the whole path
 (config → run → Report → metrics.json/report.md/figures) in a few seconds per method. The
-default (≤ 30 s) runs are what ``mlatlas tour`` executes.
+default (≤ 30 s) runs are what ``mlatlas tour`` executes. Under ``CI`` a claim that was not
+measured fails the smoke run (unless it needs a GPU): CI has every reference library, so "not
+measured" there means a reference went missing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 
 import pytest
 
@@ -17,6 +21,7 @@ from mlatlas import catalog, runner
 from mlatlas.report import Report
 
 BUILT = [m.id for m in catalog.METHODS if m.built]
+IN_CI = bool(os.environ.get("CI"))
 
 
 def test_something_is_built():
@@ -50,3 +55,37 @@ def test_experiment_smoke_run(method_id, tmp_path):
     assert data["method"] == method_id and data["smoke"] is True
     assert data["config"] == json.loads(json.dumps(data["config"]))
     assert (tmp_path / "report.md").is_file()
+    _no_unmeasured_claims_in_ci(report)
+
+
+def _no_unmeasured_claims_in_ci(report: Report) -> None:
+    # CI runs on a CPU: a claim that needs a GPU may stay unmeasured there, nothing else may
+    missing = [c for c in report.unmeasured if not re.search(r"\b(GPU|CUDA)\b", c.detail)]
+    if IN_CI and missing:
+        pytest.fail("claims not measured under CI (a reference library is missing?): " +
+                    "; ".join(c.describe() for c in missing))
+
+
+@pytest.mark.parametrize("method_id", BUILT)
+def test_bench_smoke_run(method_id, tmp_path):
+    module = runner.load_experiment(method_id)
+    if not hasattr(module, "bench"):
+        pytest.skip(f"{method_id} has no benchmark")
+    if not hasattr(module.Config, "smoke"):  # TODO(house-v2): every Config has smoke()
+        pytest.skip(f"{method_id} has no Config.smoke() yet: its smoke bench is a full one")
+    report = runner.run_bench(method_id, out=tmp_path, smoke=True)
+    assert isinstance(report, Report) and report.kind == "bench"
+    assert report.claims, "a benchmark states its claims (a ratio against a named baseline)"
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["kind"] == "bench" and data["mode"] == "smoke"
+    _no_unmeasured_claims_in_ci(report)
+
+
+def test_ci_fails_a_claim_not_measured_unless_it_needs_a_gpu(monkeypatch):
+    monkeypatch.setitem(globals(), "IN_CI", True)
+    rep = Report(method="m")
+    rep.not_measured("TFLOP/s vs SDPA flash", 0.9, ">=", reason="no CUDA device")
+    _no_unmeasured_claims_in_ci(rep)  # a CPU-only CI cannot measure it: fine
+    rep.not_measured("same as TF", 0.0, "<=", reason="TensorFlow is not importable")
+    with pytest.raises(pytest.fail.Exception, match="TensorFlow is not importable"):
+        _no_unmeasured_claims_in_ci(rep)

@@ -3,7 +3,7 @@
     mlatlas list [--field F] [--built] [--long | --json]
     mlatlas run ID [--full | --smoke] [--set k=v ...] [--seed N] [--out DIR] [--strict]
     mlatlas bench ID [--full | --smoke] [--set k=v ...] [--seed N] [--out DIR] [--strict]
-    mlatlas tour [ID ...] [--field F] [--full | --smoke] [--out DIR] [--strict]
+    mlatlas tour [ID ...] [--field F] [--full | --smoke] [--no-bench] [--out DIR] [--strict]
 
 Exit codes: 0 ok; 1 a claim did not hold (or was not measured) under ``--strict``, or a tour
 run failed; 2 usage errors — every bad argument gets one line on stderr naming it, never a
@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     _modes(bench)
     _common(bench)
 
-    tour = sub.add_parser("tour", help="run every built experiment and write report.html")
+    tour = sub.add_parser("tour", help="run every built experiment and its benchmark, and "
+                          "write report.html")
     tour.add_argument("ids", nargs="*", metavar="ID", help="only these methods (default: all)")
     tour.add_argument("--field", choices=catalog.FIELDS, help="only this field")
     _modes(tour)
+    tour.add_argument("--no-bench", dest="bench", action="store_false",
+                      help="skip the benchmarks")
     tour.add_argument("--out", help="output folder (default runs/tour/<timestamp>)")
     tour.add_argument("--strict", action="store_true",
                       help="exit 1 if a claim does not hold or was not measured")
@@ -234,11 +237,13 @@ def _tour(args: argparse.Namespace) -> int:
     from mlatlas import runner
 
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    reports, index = runner.run_tour(args.field, args.out, mode=mode, ids=ids or None,
-                                     echo=print)
+    reports, index = runner.run_tour(args.field, args.out, mode=mode, bench=args.bench,
+                                     ids=ids or None, echo=print)
     from mlatlas.report import claims_summary
 
-    print(f"{claims_summary(reports)} across {len(reports)} methods")
+    runs = sum(r.kind == "run" for r in reports)
+    print(f"{claims_summary(reports)} across {runs} methods and {len(reports) - runs} "
+          "benchmarks")
     print(f"the report (open it in a browser): {index.resolve()}")
     if any(r.error for r in reports):
         return EXIT_CLAIM

@@ -126,6 +126,8 @@ class Report:
     machine: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    commit: str | None = None  # git commit of the code that ran ("+dirty" if changed)
+    date: str = ""  # when it started, ISO 8601
     out: Path | None = None  # where the runner wrote it (not serialised)
 
     # -- filling -------------------------------------------------------------------------
@@ -196,6 +198,8 @@ class Report:
             "notes": list(self.notes),
             "elapsed_s": _num(self.elapsed_s),
             "error": self.error,
+            "commit": self.commit,
+            "date": self.date,
             "machine": self.machine,
             "versions": self.versions,
         }
@@ -227,21 +231,27 @@ def _markdown(reports: list[Report], out: Path, title: str) -> str:
               "| method | claim | measured | target | holds |", "|---|---|---|---|---|"]
     for r in reports:
         if r.error:
-            lines.append(f"| {r.method} | run failed: {_md_cell(r.error)} | | | ✗ |")
+            lines.append(f"| {_label(r)} | run failed: {_md_cell(r.error)} | | | ✗ |")
         for c in r.claims:
             unit = f" {c.unit}" if c.unit else ""
-            lines.append(f"| {r.method} | {_md_cell(c.name)} | {_measured(c)}{unit} | "
+            lines.append(f"| {_label(r)} | {_md_cell(c.name)} | {_measured(c)}{unit} | "
                          f"{c.op} {_fmt(c.target)}{unit}{_changed(c)} | {_VERDICT[c.status]} |")
     for r in reports:
-        lines += ["", f"## {r.method}", "",
-                  f"seed {r.seed}, {_fmt(r.elapsed_s)} s{' (smoke)' if r.smoke else ''}", ""]
+        lines += ["", f"## {_label(r)}", "",
+                  f"{r.mode} run, seed {r.seed}, {_fmt(r.elapsed_s)} s"
+                  f"{f', commit {r.commit}' if r.commit else ''}{f', {r.date}' if r.date else ''}",
+                  ""]
         if r.metrics:
             lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in r.metrics.items()]
+            lines += [f"| {_md_cell(k)} | {_fmt(v)} |" for k, v in r.metrics.items()]
             lines.append("")
         lines += [f"- {n}" for n in r.notes]
         lines += [f"![{Path(p).stem}]({_rel(p, out)})" for p in r.figures]
     return "\n".join(lines) + "\n"
+
+
+def _label(r: Report) -> str:
+    return r.method + (" (bench)" if r.kind == "bench" else "")
 
 
 def _html(reports: list[Report], out: Path, title: str) -> str:
@@ -249,13 +259,13 @@ def _html(reports: list[Report], out: Path, title: str) -> str:
     rows = []
     for r in reports:
         if r.error:
-            rows.append(f"<tr class='no'><td>{e(r.method)}</td><td colspan=3>run failed: "
+            rows.append(f"<tr class='no'><td>{e(_label(r))}</td><td colspan=3>run failed: "
                         f"{e(r.error)}</td><td>✗</td></tr>")
         for c in r.claims:
             unit = f" {e(c.unit)}" if c.unit else ""
             rows.append(
                 f"<tr class='{'ok' if c.holds else 'no'}'><td><a href='#{e(r.method)}'>"
-                f"{e(r.method)}</a></td><td>{e(c.name)}</td><td>{e(_measured(c))}{unit}</td>"
+                f"{e(_label(r))}</a></td><td>{e(c.name)}</td><td>{e(_measured(c))}{unit}</td>"
                 f"<td>{e(c.op)} {_fmt(c.target)}{unit}{e(_changed(c))}</td>"
                 f"<td>{_VERDICT[c.status]}</td></tr>")
     sections = []
@@ -266,7 +276,7 @@ def _html(reports: list[Report], out: Path, title: str) -> str:
         figs = "".join(f"<figure><img src='{e(_rel(p, out))}' alt='{e(Path(p).stem)}'>"
                        f"<figcaption>{e(Path(p).stem)}</figcaption></figure>" for p in r.figures)
         sections.append(
-            f"<section id='{e(r.method)}'><h2>{e(r.method)}</h2>"
+            f"<section id='{e(r.method)}'><h2>{e(_label(r))}</h2>"
             f"<p>seed {r.seed} · {_fmt(r.elapsed_s)} s{' · smoke' if r.smoke else ''}</p>"
             f"<table class='m'>{metrics}</table><ul>{notes}</ul>{figs}</section>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

@@ -19,8 +19,10 @@ deterministic algorithms on, and restores the thread count and the switch afterw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
+import subprocess
 import time
 import traceback
 import types
@@ -41,6 +43,7 @@ __all__ = [
     "load_experiment",
     "changed_fields",
     "make_config",
+    "provenance",
     "run_bench",
     "run_method",
     "run_tour",
@@ -188,22 +191,24 @@ def run_bench(method_id: str, cfg: Any = None, out: str | Path | None = None, *,
 
 
 def run_tour(field: str | None = None, out: str | Path | None = None, *,
-             mode: str = "default", ids: Iterable[str] | None = None,
+             mode: str = "default", bench: bool = True, ids: Iterable[str] | None = None,
              echo: Any = None) -> tuple[list[Report], Path]:
-    """Run every built experiment (of ``field``, or only ``ids``) and write the tour's report.
+    """Run every built experiment (of ``field``, or only ``ids``) and its benchmark.
 
-    A run that raises is recorded as a failed report (written to its folder too) and the
-    tour goes on.
+    Each method's run goes to ``out/<id>/`` and its benchmark (when it has one) to
+    ``out/<id>/bench/``, both in the same run mode. A run that raises is recorded as a failed
+    report (written to its folder too) and the tour goes on.
 
     Args:
         field: Only this field's methods.
-        out: Tour folder; ``runs/tour/<timestamp>`` when None. Each run goes to ``out/<id>``.
-        mode: ``"default"``, ``"smoke"`` or ``"full"`` for every run.
+        out: Tour folder; ``runs/tour/<timestamp>`` when None.
+        mode: ``"default"``, ``"smoke"`` or ``"full"`` for every run and benchmark.
+        bench: Run the benchmarks too.
         ids: Only these method ids (in catalog order).
-        echo: Called with a line of progress per method (``print``), or None.
+        echo: Called with a line of progress per run (``print``), or None.
 
     Returns:
-        The reports and the path of ``report.html``.
+        The reports (runs and benchmarks, in order) and the path of ``report.html``.
 
     Raises:
         ConfigError: unknown mode, or ``out`` cannot be created.
@@ -218,26 +223,55 @@ def run_tour(field: str | None = None, out: str | Path | None = None, *,
     for method in catalog.by_field(field):
         if not method.built or (wanted is not None and method.id not in wanted):
             continue
-        if echo:
-            echo(f"running {method.id} …")
-        reports.append(_tour_one(method.id, out / method.id, mode))
-        if echo:
-            echo(_summary_line(reports[-1]))
+        kinds = ["run"]
+        if bench and hasattr(load_experiment(method.id), "bench"):
+            kinds.append("bench")
+        for kind in kinds:
+            if echo:
+                echo(f"running {method.id}{' bench' if kind == 'bench' else ''} …")
+            folder = out / method.id / ("bench" if kind == "bench" else "")
+            reports.append(_tour_one(method.id, folder, mode, kind))
+            if echo:
+                echo(_summary_line(reports[-1]))
     title = f"mlatlas tour{f' — {field}' if field else ''}"
     page, _ = write_tour(reports, out, title=title)
     return reports, page
 
 
-def _tour_one(method_id: str, out: Path, mode: str) -> Report:
+def _tour_one(method_id: str, out: Path, mode: str, kind: str) -> Report:
+    fn = run_bench if kind == "bench" else run_method
     try:
-        return run_method(method_id, out=out, smoke=mode == "smoke", full=mode == "full")
+        return fn(method_id, out=out, smoke=mode == "smoke", full=mode == "full")
     except Exception as exc:  # one broken experiment must not hide the others
-        report = Report(method=method_id, smoke=mode == "smoke", mode=mode,
-                        error=f"{type(exc).__name__}: {exc}")
+        report = Report(method=method_id, kind=kind, smoke=mode == "smoke", mode=mode,
+                        error=f"{type(exc).__name__}: {exc}", **provenance())
         report.note(traceback.format_exc(limit=5))
         report.out = out
         write_run(report, out)
         return report
+
+
+@functools.cache
+def _git_commit() -> str | None:
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def provenance() -> dict[str, Any]:
+    """``{"commit": <git commit of this checkout, "+dirty" if changed; None outside git>,
+    "date": <now, ISO 8601 with the UTC offset>}``."""
+    return {"commit": _git_commit(), "date": datetime.now().astimezone().isoformat(
+        timespec="seconds")}
 
 
 def _make_dir(out: Path) -> None:
@@ -256,6 +290,7 @@ def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
     _make_dir(out)
     seed = getattr(cfg, "seed", 0)
     threads = getattr(cfg, "threads", None)
+    started = provenance()
     runtime.seed_everything(seed)
     with runtime.torch_threads(threads), runtime.deterministic_algorithms(True):
         start = time.perf_counter()
@@ -279,15 +314,17 @@ def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
     report.elapsed_s = elapsed
     report.machine = runtime.machine_info()
     report.versions = runtime.versions()
+    report.commit, report.date = started["commit"], started["date"]
     report.out = out
     write_run(report, out)
     return report
 
 
 def _summary_line(report: Report) -> str:
+    name = report.method + (" bench" if report.kind == "bench" else "")
     if report.error:
-        return f"  {report.method}: FAILED — {report.error}"
-    return f"  {report.method}: {claims_summary([report])} ({report.elapsed_s:.1f} s)"
+        return f"  {name}: FAILED — {report.error}"
+    return f"  {name}: {claims_summary([report])} ({report.elapsed_s:.1f} s)"
 
 
 def _convert(name: str, text: str, tp: Any) -> Any:

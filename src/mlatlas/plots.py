@@ -1,7 +1,8 @@
-"""The few plotting helpers every experiment shares (matplotlib with the Agg backend).
+"""The few plotting helpers experiments share (matplotlib with the Agg backend).
 
 Experiments build their figures with plain matplotlib; these helpers only remove the
-repetition: a figure context that saves a PNG and closes, and a multi-curve line plot.
+repetition: a figure context that saves a PNG and closes, a multi-curve line plot, and the
+grid-world panel (state values with the chosen actions) of the rl experiments.
 """
 
 from __future__ import annotations
@@ -9,14 +10,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["curves", "figure", "plt"]
+if TYPE_CHECKING:
+    import torch
+
+    from mlatlas.rl.gridworld import GridWorld
+
+__all__ = ["curves", "figure", "plt", "policy_grid"]
 
 
 @contextlib.contextmanager
@@ -82,3 +88,50 @@ def curves(ax: Any, series: Mapping[str, Sequence[float]], x: Sequence[float] | 
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return ax
+
+
+def policy_grid(ax: Any, world: GridWorld, values: torch.Tensor, actions: torch.Tensor,
+                title: str = "") -> Any:
+    """Draw a grid world's state values as a heatmap with one arrow per chosen action.
+
+    Forbidden cells are framed orange, the target blue; "stay" is drawn as a ring.
+
+    Args:
+        ax: A matplotlib Axes.
+        world: The :class:`~mlatlas.rl.gridworld.GridWorld`.
+        values: ``(S,)`` state values shown as colours and numbers.
+        actions: ``(S, A)`` bool or 0/1 mask of the actions to draw in each state.
+        title: Axes title.
+    """
+    import torch
+
+    from mlatlas.rl.gridworld import MOVES  # lazy: plots must not pull in gymnasium
+
+    grid = values.detach().double().view(world.rows, world.cols).numpy()
+    im = ax.imshow(grid, cmap="viridis")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for row, col in world.forbidden:
+        ax.add_patch(_cell_frame(row, col, "orange"))
+    ax.add_patch(_cell_frame(*world.target, "deepskyblue"))
+    mask = torch.as_tensor(actions).bool()
+    for s in range(world.n_states):
+        row, col = world.cell(s)
+        ax.text(col, row + 0.32, f"{float(values[s]):.1f}", ha="center", va="center",
+                fontsize=7, color="white")
+        for a in mask[s].nonzero().flatten().tolist():
+            d_row, d_col = MOVES[a]
+            if d_row == 0 and d_col == 0:
+                ax.plot(col, row, "o", ms=4, mfc="none", mec="white")
+            else:
+                ax.arrow(col, row, 0.3 * d_col, 0.3 * d_row, head_width=0.1, color="white",
+                         length_includes_head=True)
+    ax.set_xticks(range(world.cols))
+    ax.set_yticks(range(world.rows))
+    ax.set_title(title, fontsize=9)
+    return ax
+
+
+def _cell_frame(row: int, col: int, color: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec=color, lw=2.5)

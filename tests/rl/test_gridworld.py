@@ -138,3 +138,23 @@ def test_bad_env_arguments():
         env.reset(options={"state": 25})
     with pytest.raises(ValueError, match="off the 5x5 grid"):
         GridWorldEnv(start=(9, 9))
+
+
+def test_policy_grid_draws_one_arrow_per_move_and_a_ring_per_stay(tmp_path):
+    from matplotlib.patches import FancyArrow
+
+    from mlatlas.plots import figure, policy_grid
+
+    w = GridWorld(2, 3, forbidden=[(0, 1)], target=(1, 2))
+    actions = torch.zeros(w.n_states, w.n_actions, dtype=torch.bool)
+    actions[:, RIGHT] = True
+    actions[0, DOWN] = True
+    actions[w.target_state] = False
+    actions[w.target_state, STAY] = True
+    with figure(tmp_path / "grid.png") as (_, ax):
+        policy_grid(ax, w, torch.arange(w.n_states, dtype=torch.float64), actions, "t")
+        arrows = [p for p in ax.patches if isinstance(p, FancyArrow)]
+        assert len(arrows) == int(actions[:, :STAY].sum()) == 6
+        assert len(ax.lines) == 1  # the ring of "stay" at the target
+        assert len(ax.texts) == w.n_states and ax.get_title() == "t"
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -203,10 +203,10 @@ def test_cartpole_resume_equals_uninterrupted(tmp_path, reference):
 
     cfg = replace(exp.Config(), grid_iterations=0, cartpole_steps=400, n_envs=2, hidden=8,
                   checkpoint_every=0)
-    exp.run(cfg, tmp_path / "full", smoke=False)
-    exp.run(replace(cfg, cartpole_steps=200), tmp_path / "part", smoke=False)
+    exp.run(cfg, tmp_path / "full")
+    exp.run(replace(cfg, cartpole_steps=200), tmp_path / "part")
     resumed = exp.run(replace(cfg, resume=str(tmp_path / "part" / "cartpole_policy.safetensors")),
-                      tmp_path / "resumed", smoke=False)
+                      tmp_path / "resumed")
     a = load_file(tmp_path / "full" / "cartpole_policy.safetensors")
     b = load_file(tmp_path / "resumed" / "cartpole_policy.safetensors")
     assert a.keys() == b.keys()

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mlatlas.plots import curves, figure
+from mlatlas.plots import curves, figure, policy_grid
 from mlatlas.report import Report
 from mlatlas.rl import dynamic_programming as dp
-from mlatlas.rl.gridworld import MOVES, GridWorld
-from mlatlas.runtime import torch_threads
+from mlatlas.rl.gridworld import GridWorld
 
 
 @dataclass
@@ -29,56 +27,17 @@ class Config:
     gamma: float = 0.9  # discount rate
     tpi_j: int = 5  # evaluation sweeps per truncated-policy-iteration step
     random_policies: int = 4  # random stochastic policies evaluated both ways
+    threads: int = 1  # torch threads (tiny tensors: one is fastest)
     seed: int = 0  # seeds the random policies
 
-
-def plot_grid(ax: Any, world: GridWorld, values: torch.Tensor, actions: torch.Tensor,
-              title: str = "") -> Any:
-    """Value heatmap with one arrow per chosen action (a dot for "stay").
-
-    Args:
-        ax: Matplotlib axes.
-        world: The grid world.
-        values: ``(S,)`` state values shown as colours and numbers.
-        actions: ``(S, A)`` bool or 0/1 mask of the actions to draw in each state.
-        title: Axes title.
-    """
-    grid = values.detach().double().view(world.rows, world.cols).numpy()
-    im = ax.imshow(grid, cmap="viridis")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    for row, col in world.forbidden:
-        ax.add_patch(_rect(row, col, "orange"))
-    ax.add_patch(_rect(*world.target, "deepskyblue"))
-    mask = torch.as_tensor(actions).bool()
-    for s in range(world.n_states):
-        row, col = world.cell(s)
-        ax.text(col, row + 0.32, f"{float(values[s]):.1f}", ha="center", va="center",
-                fontsize=7, color="white")
-        for a in mask[s].nonzero().flatten().tolist():
-            d_row, d_col = MOVES[a]
-            if d_row == 0 and d_col == 0:
-                ax.plot(col, row, "o", ms=4, mfc="none", mec="white")
-            else:
-                ax.arrow(col, row, 0.3 * d_col, 0.3 * d_row, head_width=0.1, color="white",
-                         length_includes_head=True)
-    ax.set_xticks(range(world.cols))
-    ax.set_yticks(range(world.rows))
-    ax.set_title(title, fontsize=9)
-    return ax
+    @classmethod
+    def smoke(cls) -> Config:
+        """One random policy (for tests)."""
+        return cls(random_policies=1)
 
 
-def _rect(row: int, col: int, color: str) -> Any:
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec=color, lw=2.5)
-
-
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    with torch_threads(1):  # tiny tensors: one thread is fastest
-        return _run(cfg, out, smoke)
-
-
-def _run(cfg: Config, out: Path, smoke: bool) -> Report:
+def run(cfg: Config, out: Path) -> Report:
+    """Evaluate policies both ways, solve the world three ways, draw the optimal policies."""
     rep = Report()
     world = GridWorld.example(r_forbidden=cfg.r_forbidden, r_boundary=cfg.r_boundary,
                               gamma=cfg.gamma)
@@ -86,7 +45,7 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
 
     # 1. Bellman equation: closed form (linear solve) vs iterative fixed point.
     policies = [dp.uniform_policy(world)]
-    for _ in range(1 if smoke else cfg.random_policies):
+    for _ in range(cfg.random_policies):
         logits = torch.randn(world.n_states, world.n_actions, generator=gen, dtype=torch.float64)
         policies.append(torch.softmax(2 * logits, -1))
     gap = max(float((dp.evaluate_policy(world, p) - dp.evaluate_policy(world, p, "iterative"))
@@ -127,12 +86,12 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
 
     with figure(out / "optimal_policy.png", ncols=3, size=(15, 4.4)) as (fig, axes):
         axes = axes.ravel()
-        plot_grid(axes[0], world, dp.evaluate_policy(world, policies[0]),
+        policy_grid(axes[0], world, dp.evaluate_policy(world, policies[0]),
                   torch.ones(world.n_states, world.n_actions, dtype=torch.bool),
                   "uniform policy: v_pi (closed form)")
-        plot_grid(axes[1], world, ref.values, sets,
+        policy_grid(axes[1], world, ref.values, sets,
                   f"optimal v* and optimal actions (r_forbidden={cfg.r_forbidden:g})")
-        plot_grid(axes[2], harsh, harsh_res.values, harsh_sets,
+        policy_grid(axes[2], harsh, harsh_res.values, harsh_sets,
                   "optimal v* and actions (r_forbidden=-10)")
     rep.figure(out / "optimal_policy.png")
     with figure(out / "convergence.png") as (fig, ax):

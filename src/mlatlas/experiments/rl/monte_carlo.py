@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 
-from mlatlas.experiments.rl.gridworld import plot_grid
-from mlatlas.plots import figure
+from mlatlas.plots import figure, policy_grid
 from mlatlas.report import Report
 from mlatlas.rl import dynamic_programming as dp
 from mlatlas.rl import monte_carlo as mc
 from mlatlas.rl.gridworld import GridWorld
-from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -40,7 +38,13 @@ class Config:
     eps_batch: int = 5_000  # MC epsilon-greedy: episodes per policy improvement
     eps_alpha: float = 1.0  # MC epsilon-greedy: first step towards a batch's mean return
     eps_alpha_decay: float = 0.7  # MC epsilon-greedy: alpha_n = eps_alpha / n^0.7 (RM steps)
+    threads: int = 1  # torch threads (tiny tensors: one is fastest)
     seed: int = 0  # seeds the episode sampler
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few policy improvements of each method (for tests)."""
+        return cls(basic_iterations=3, es_episodes=250, eps_episodes=1_000, eps_batch=500)
 
     @classmethod
     def full(cls) -> Config:
@@ -60,12 +64,8 @@ def _best_epsilon_greedy(world: GridWorld, epsilon: float) -> tuple[torch.Tensor
     return pi, q
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    with torch_threads(1):  # tiny tensors: one thread is fastest
-        return _run(cfg, out, smoke)
-
-
-def _run(cfg: Config, out: Path, smoke: bool) -> Report:
+def run(cfg: Config, out: Path) -> Report:
+    """Learn the grid world's optimal policy with the three MC methods; compare with VI."""
     rep = Report()
     world = GridWorld.example(r_forbidden=cfg.r_forbidden, gamma=cfg.gamma)
     S = world.n_states
@@ -80,20 +80,17 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
     def policy_gap(q: torch.Tensor) -> float:  # value lost by acting greedily on q
         return float((dp.evaluate_policy(world, dp.greedy_policy(q)) - star.values).abs().max())
 
-    es_n = 250 if smoke else cfg.es_episodes
-    eps_n = 1_000 if smoke else cfg.eps_episodes
-    eps_batch = 500 if smoke else cfg.eps_batch
     results = {
-        "MC basic": mc.mc_basic(world, 3 if smoke else cfg.basic_iterations, generator=gen),
+        "MC basic": mc.mc_basic(world, cfg.basic_iterations, generator=gen),
         "MC ES first-visit": mc.mc_exploring_starts(
-            world, es_n, cfg.es_length, visit="first", batch=cfg.es_batch, alpha=cfg.es_alpha,
-            generator=gen),
+            world, cfg.es_episodes, cfg.es_length, visit="first", batch=cfg.es_batch,
+            alpha=cfg.es_alpha, generator=gen),
         "MC ES every-visit": mc.mc_exploring_starts(
-            world, es_n, cfg.es_length, visit="every", batch=cfg.es_batch, alpha=cfg.es_alpha,
-            generator=gen),
+            world, cfg.es_episodes, cfg.es_length, visit="every", batch=cfg.es_batch,
+            alpha=cfg.es_alpha, generator=gen),
         f"MC ε-greedy (ε={cfg.epsilon:g})": mc.mc_epsilon_greedy(
-            world, cfg.epsilon, eps_n, cfg.eps_length, cfg.eps_tail, "every", eps_batch,
-            cfg.eps_alpha, cfg.eps_alpha_decay, generator=gen),
+            world, cfg.epsilon, cfg.eps_episodes, cfg.eps_length, cfg.eps_tail, "every",
+            cfg.eps_batch, cfg.eps_alpha, cfg.eps_alpha_decay, generator=gen),
     }
     for name, r in results.items():
         key = name.split(" (")[0].replace(" ", "_").replace("-", "_")
@@ -119,7 +116,7 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
     rep.metric("eps_greedy_smallest_action_gap", float((srt[:, 0] - srt[:, 1]).min()))
 
     # the classic sample average over all returns ever (mixes returns of earlier policies)
-    classic = mc.mc_exploring_starts(world, es_n, cfg.es_length, visit="first",
+    classic = mc.mc_exploring_starts(world, cfg.es_episodes, cfg.es_length, visit="first",
                                      batch=cfg.es_batch, alpha=None, generator=gen)
     rep.metric("MC_ES_sample_average_optimal_states", n_optimal(classic.q))
     rep.note(f"MC ES with the plain sample average over every return ever collected (alpha=None) "
@@ -157,11 +154,11 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
     rep.figure(out / "learning_curves.png")
     with figure(out / "policies.png", ncols=3, size=(15, 4.4)) as (fig, axes):
         axes = axes.ravel()
-        plot_grid(axes[0], world, star.values, sets, "value iteration: v*, optimal actions")
+        policy_grid(axes[0], world, star.values, sets, "value iteration: v*, optimal actions")
         es = results["MC ES every-visit"]
-        plot_grid(axes[1], world, es.q.max(-1).values, dp.greedy_policy(es.q),
+        policy_grid(axes[1], world, es.q.max(-1).values, dp.greedy_policy(es.q),
                   "MC ES every-visit: max_a q̂, greedy")
-        plot_grid(axes[2], world, eps_res.q.max(-1).values, dp.greedy_policy(eps_res.q),
+        policy_grid(axes[2], world, eps_res.q.max(-1).values, dp.greedy_policy(eps_res.q),
                   f"MC ε-greedy (ε={cfg.epsilon:g}): max_a q̂, greedy")
     rep.figure(out / "policies.png")
     return rep

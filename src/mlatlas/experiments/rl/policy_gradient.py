@@ -9,22 +9,21 @@ the grid world is reported against value iteration's optimal actions (metrics an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from mlatlas.experiments.rl.gridworld import plot_grid
-from mlatlas.plots import curves, figure
+from mlatlas.plots import curves, figure, policy_grid
 from mlatlas.report import Report
 from mlatlas.rl import dynamic_programming as dp
 from mlatlas.rl import policies
 from mlatlas.rl import policy_gradient as pg
 from mlatlas.rl.gridworld import GridWorld
 from mlatlas.rl.monte_carlo import rollout
-from mlatlas.runtime import progress, torch_threads
+from mlatlas.runtime import progress
 from mlatlas.training_state import load_checkpoint, save_checkpoint
 
 
@@ -49,7 +48,13 @@ class Config:
     claim_solved: bool = True  # report the >= 475 claim (off: only the "return rises" claim)
     checkpoint_every: int = 50  # updates between checkpoints (one is always written at the end)
     resume: str = ""  # a cartpole_policy.safetensors to resume from ("" = start fresh)
+    threads: int = 1  # torch threads (small nets, batches of a few thousand rows: one is fastest)
     seed: int = 0  # seeds the policies, the action sampler and the episode resets
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """20 grid-world updates, 256 check episodes, 1.5k CartPole steps (for tests)."""
+        return cls(grid_iterations=20, check_episodes=256, cartpole_steps=1_500)
 
     @classmethod
     def full(cls) -> Config:
@@ -57,20 +62,17 @@ class Config:
         return cls(cartpole_steps=1_000_000)
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    if smoke:
-        cfg = replace(cfg, grid_iterations=min(cfg.grid_iterations, 20),
-                      cartpole_steps=min(cfg.cartpole_steps, 1_500))
-    with torch_threads(1):  # small nets, batch <= a few thousand rows: one thread is fastest
-        rep = Report()
-        if cfg.grid_iterations > 0:
-            _gridworld(cfg, out, rep, smoke)
-        _cartpole(cfg, out, rep, smoke)
-        return rep
+def run(cfg: Config, out: Path) -> Report:
+    """REINFORCE on the grid world (estimator check, tabular policy), then on CartPole-v1."""
+    rep = Report()
+    if cfg.grid_iterations > 0:
+        _gridworld(cfg, out, rep)
+    _cartpole(cfg, out, rep)
+    return rep
 
 
 # ---------------------------------------------------------------------------- grid world
-def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
+def _gridworld(cfg: Config, out: Path, rep: Report) -> None:
     world = GridWorld.example()
     S, A = world.n_states, world.n_actions
     torch.manual_seed(cfg.seed)
@@ -87,7 +89,7 @@ def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
     J_star = float(rho0 @ star.values)
 
     # The estimator: REINFORCE's batch gradient vs the policy gradient theorem at theta = 0.
-    n_check = 256 if smoke else cfg.check_episodes
+    n_check = cfg.check_episodes
     states, actions, rewards = rollout(world, policy.table().double(),
                                        torch.randint(S, (n_check,), generator=gen),
                                        cfg.grid_length, gen)
@@ -105,8 +107,7 @@ def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
     rep.metric("pg_estimate_max_abs_error", float((estimate.double() - exact).abs().max()))
 
     J_hist = []
-    for _ in progress(range(cfg.grid_iterations), description="REINFORCE grid world",
-                      enabled=False if smoke else None):
+    for _ in progress(range(cfg.grid_iterations), description="REINFORCE grid world"):
         s0 = torch.randint(S, (cfg.grid_batch,), generator=gen)
         states, actions, rewards = rollout(world, policy.table().double(), s0, cfg.grid_length,
                                            gen)
@@ -137,7 +138,7 @@ def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
         curves(axes[0], {"J(theta) (exact, from the model)": J_hist,
                          "J* (value iteration)": [J_star] * len(J_hist)},
                xlabel="update", ylabel="mean_s v(s)", title="REINFORCE on the grid world")
-        plot_grid(axes[1], world, v_pi, dp.greedy_policy(table), "softmax policy: v_pi, argmax")
+        policy_grid(axes[1], world, v_pi, dp.greedy_policy(table), "softmax policy: v_pi, argmax")
     rep.figure(out / "gridworld_softmax.png")
     wrong = [world.cell(int(i)) for i in (~sets[idx, table.argmax(-1)]).nonzero().flatten()]
     rep.note(f"Grid world: after {cfg.grid_iterations} updates x {cfg.grid_batch} episodes the "
@@ -151,7 +152,7 @@ def _gridworld(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- CartPole
-def _cartpole(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
+def _cartpole(cfg: Config, out: Path, rep: Report) -> None:
     import gymnasium
 
     torch.manual_seed(cfg.seed)
@@ -180,8 +181,7 @@ def _cartpole(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
     def solved() -> bool:
         return len(returns) >= cfg.window and np.mean(returns[-cfg.window:]) >= cfg.solve_return
 
-    bar = iter(progress(range(cfg.cartpole_steps), description="REINFORCE CartPole",
-                        enabled=False if smoke else None))
+    bar = iter(progress(range(cfg.cartpole_steps), description="REINFORCE CartPole"))
     solved_at = None
     while env_steps < cfg.cartpole_steps and not solved():
         first = updates * cfg.n_envs  # episode index: reset seeds depend on it only
@@ -215,7 +215,7 @@ def _cartpole(cfg: Config, out: Path, rep: Report, smoke: bool) -> None:
               unit="x", detail=f"{env_steps} env steps, {len(returns)} episodes")
     if cfg.claim_solved:
         rep.claim(f"CartPole-v1 mean return over the last {w} episodes", last, cfg.solve_return,
-                  ">=", detail=(f"solved after {solved_at} env steps" if solved_at is not None
+                  ">=", target_source="solve_return", detail=(f"solved after {solved_at} env steps" if solved_at is not None
                                 else f"not solved within {cfg.cartpole_steps} env steps"))
     else:
         rep.note(f"Budget of {cfg.cartpole_steps} env steps: last-{w} mean return {last:.1f}; "

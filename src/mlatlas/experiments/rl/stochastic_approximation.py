@@ -2,9 +2,12 @@
 
 Claims (references are closed forms: the sample mean and the root w* = 1 of tanh(w - 1)):
 the incremental mean equals the batch mean; Robbins–Monro converges with step sizes that meet
-the RM conditions (a_k = 1/k, 1/k^0.75) and does not when they are violated — a constant step
-keeps a noise floor, a_k = 1/k^2 (sum a_k < inf) stops short of the root; SGD and mini-batch
-GD with a_k = 1/k converge to the sample mean, larger batches faster.
+the RM conditions (a_k = 1/k, 1/k^0.75) and a constant step (sum a_k^2 = inf) keeps a noise
+floor; SGD and mini-batch GD with a_k = 1/k converge to the sample mean, larger batches
+faster. Two results are metrics, not claims, because they cannot fail: a_k = 1/k^2 stopping
+short of the root (its steps sum to pi^2/6 while |tanh| <= 1, so from w_1 = 4 the drift can
+cover at most 1.64 of the distance 3) and BGD's final error (a_1 = 1 moves w_1 onto the sample
+mean in one exact step).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import torch
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.rl import stochastic_approximation as sa
-from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -32,23 +34,24 @@ class Config:
     samples: int = 400  # data set size for mean estimation (uniform on [-30, 30]^2)
     gd_iterations: int = 1_000  # gradient steps for SGD / MBGD / BGD
     gd_runs: int = 50  # independent runs (mini-batch draws) per method
+    threads: int = 1  # torch threads (tiny tensors: one is fastest)
     seed: int = 0  # seeds the noise and the data
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """300 RM steps × 20 runs, 100 GD steps × 5 runs (for tests)."""
+        return cls(rm_iterations=300, rm_runs=20, gd_iterations=100, gd_runs=5)
 
 
 def _g(w: torch.Tensor) -> torch.Tensor:
     return torch.tanh(w - 1.0)  # g(w) = tanh(w - 1), root w* = 1, g'(w*) = 1
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    with torch_threads(1):  # tiny tensors: one thread is fastest
-        return _run(cfg, out, smoke)
-
-
-def _run(cfg: Config, out: Path, smoke: bool) -> Report:
+def run(cfg: Config, out: Path) -> Report:
+    """Incremental mean, Robbins–Monro under four step-size schedules, SGD vs MBGD vs BGD."""
     rep = Report()
     gen = torch.Generator().manual_seed(cfg.seed)
-    K = 300 if smoke else cfg.rm_iterations
-    R = 20 if smoke else cfg.rm_runs
+    K, R = cfg.rm_iterations, cfg.rm_runs
 
     # 1. Incremental mean vs the batch mean of the first k samples.
     x = torch.rand(cfg.samples, 2, generator=gen, dtype=torch.float64) * 60 - 30
@@ -79,12 +82,15 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
               detail="p in (1/2, 1]: RM conditions hold")
     rep.claim(f"RM constant a={cfg.constant_step:g} noise floor / 1/k error", const / harmonic, 5,
               ">=", unit="x", detail="sum a_k^2 = inf: the error stops shrinking")
-    rep.claim("RM a_k=1/k^2 stops short: RMS |w_K - w*|", square, 0.5, ">=",
-              detail=f"sum a_k = pi^2/6 < inf but |w_1 - w*| = {cfg.rm_start - 1:g}")
+    reach = float(sa.power_steps(K, 2.0).sum())  # the farthest the noiseless drift can go
+    rep.note(f"a_k = 1/k^2 violates sum a_k = inf: its RMS error stays at {square:.3f} after "
+             f"{K} steps (metric, not a claim). With |tanh| <= 1 its drift moves w at most "
+             f"sum a_k = {reach:.3f} from w_1 = {cfg.rm_start:g}, short of the distance "
+             f"{abs(cfg.rm_start - 1):g} to w* (the noise only adds a zero-mean term): the "
+             "outcome follows from the set-up, so it could not fail as a claim.")
 
     # 3. SGD vs MBGD vs BGD estimating the mean, a_k = 1/k.
-    Kg = 100 if smoke else cfg.gd_iterations
-    runs = 5 if smoke else cfg.gd_runs
+    Kg, runs = cfg.gd_iterations, cfg.gd_runs
     steps = sa.power_steps(Kg, 1.0)
     mean = x.mean(0)
     w_start = torch.tensor([50.0, 50.0], dtype=torch.float64)
@@ -100,7 +106,8 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
               detail=f"K={Kg}, mean over {runs} runs, initial error {e0:.1f}")
     rep.claim("MBGD m=5 error / SGD error", mb5 / sgd, 1.0, "<", unit="x",
               detail="more samples per gradient: lower variance")
-    rep.claim("BGD final error", bgd, 1e-9, "<=", detail="exact gradient; a_1 = 1 reaches x̄")
+    rep.note(f"BGD's final error ({bgd:.2e}) is a metric, not a claim: with the exact "
+             "gradient w - x̄ and a_1 = 1 the first step lands on x̄ by construction.")
     rep.metric("mbgd50_over_mbgd5", mb50 / mb5)
 
     ks = torch.arange(1, K + 2)

@@ -10,4 +10,6 @@ Every name has one home; import it from its module:
 - :mod:`~mlatlas.features.dataset`: ``TFRecordDataset``, ``collate_examples``
 - :mod:`~mlatlas.features.feature_columns`: the ``*_column`` constructors, ``FeatureLayer``,
   ``make_parse_schema``
+- :mod:`~mlatlas.features.tensorflow_reference`: ``load_tensorflow`` (the optional reference
+  the experiments compare with), ``TensorFlowUnavailable``
 """

@@ -17,6 +17,7 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	touch $(STAMP)
 
+# Runs every built experiment and benchmark; the last line printed is the site's index.html.
 demo: install
 	$(VENV)/bin/mlatlas tour
 

@@ -204,9 +204,11 @@ def test_set_converts_types(fake_method):
 def test_tour_writes_html_and_md_and_survives_a_failure(fake_method, tmp_path, capsys):
     rc = main(["tour", "--field", "rl", "--out", str(tmp_path)])
     assert rc == EXIT_CLAIM  # one experiment raised
-    page = (tmp_path / "report.html").read_text()
-    assert "fake-method" in page and "<img src='fake-method/curve.png'" in page
-    assert "run failed: RuntimeError: boom" in page
+    index = (tmp_path / "index.html").read_text()
+    assert 'href="fake-method.html"' in index and "run failed" in index
+    page = (tmp_path / "fake-method.html").read_text()
+    assert '<img src="fake-method/curve.png"' in page
+    assert "RuntimeError: boom" in (tmp_path / "fake-broken.html").read_text()
     md = (tmp_path / "report.md").read_text()
     assert "| fake-method | steps reach target |" in md
     assert "| fake-method (bench) | ours vs baseline speed-up | 2 x |" in md
@@ -218,6 +220,7 @@ def test_tour_writes_html_and_md_and_survives_a_failure(fake_method, tmp_path, c
     out = capsys.readouterr().out
     assert "fake-method bench: 1 of 1 claims hold" in out
     assert "2 of 2 claims hold across 2 methods and 1 benchmarks" in out
+    assert out.splitlines()[-1] == str((tmp_path / "index.html").resolve())
 
 
 def test_tour_no_bench_and_modes(fake_method, tmp_path):

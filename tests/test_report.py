@@ -49,10 +49,17 @@ def test_write_run_and_tour(tmp_path):
     assert data["figures"] == ["fig.png"] and data["metrics"]["nan metric"] is None
     assert data["config"]["shape"] == [2, 3] and data["claims"][0]["holds"] is True
     failed = Report(method="broken", error="RuntimeError: boom")
-    page, md = write_tour([rep, failed], tmp_path)
-    html = page.read_text()
-    assert "<img src='a/fig.png'" in html and "run failed: RuntimeError: boom" in html
-    assert "1 of 1 claims hold across 2 run(s)." in md.read_text()
+    md = write_tour([rep, failed], tmp_path).read_text()
+    assert "![fig](a/fig.png)" in md and "| broken | run failed: RuntimeError: boom |" in md
+    assert "1 of 1 claims hold across 2 run(s)." in md
+
+
+def test_metric_units_are_written():
+    rep = Report(method="m")
+    assert rep.metric("step time", 0.5, unit="s") == 0.5
+    rep.metric("count", 3)
+    data = rep.to_dict()
+    assert data["metric_units"] == {"step time": "s"} and data["metrics"]["count"] == 3
 
 
 def test_a_claim_has_three_outcomes():

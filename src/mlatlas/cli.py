@@ -1,9 +1,10 @@
-"""``mlatlas`` — the command line: list, run, bench, tour.
+"""``mlatlas`` — the command line: list, run, bench, tour, site.
 
     mlatlas list [--field F] [--built] [--long | --json]
     mlatlas run ID [--full | --smoke] [--set k=v ...] [--seed N] [--out DIR] [--strict]
     mlatlas bench ID [--full | --smoke] [--set k=v ...] [--seed N] [--out DIR] [--strict]
     mlatlas tour [ID ...] [--field F] [--full | --smoke] [--no-bench] [--out DIR] [--strict]
+    mlatlas site RUN_DIR ... [--out DIR]
 
 Exit codes: 0 ok; 1 a claim did not hold (or was not measured) under ``--strict``, or a tour
 run failed; 2 usage errors — every bad argument gets one line on stderr naming it, never a
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
 
     tour = sub.add_parser("tour", help="run every built experiment and its benchmark, and "
-                          "write report.html")
+                          "write the atlas site (index.html)")
     tour.add_argument("ids", nargs="*", metavar="ID", help="only these methods (default: all)")
     tour.add_argument("--field", choices=catalog.FIELDS, help="only this field")
     _modes(tour)
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--strict", action="store_true",
                       help="exit 1 if a claim does not hold or was not measured")
 
+
+    site = sub.add_parser("site", help="rebuild the atlas site from existing run folders")
+    site.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                      help="tour or run folders (a default and a --full tour side by side)")
+    site.add_argument("--out", help="site folder (default: the first RUN_DIR)")
     return p
 
 
@@ -111,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list(args)
         if args.command == "tour":
             return _tour(args)
+        if args.command == "site":
+            return _site(args)
         return _run(args)
     except (catalog.UnknownMethodError, UsageError) as exc:
         return _usage(args.command, str(exc))
@@ -225,7 +233,7 @@ def _print_report(report: Any) -> None:
                   f"{report.out}", highlight=False)
 
 
-# ------------------------------------------------------------------------------ tour
+# ------------------------------------------------------------------------------ tour, site
 def _tour(args: argparse.Namespace) -> int:
     ids = [catalog.get(i).id for i in args.ids]  # unknown id → exit 2
     if args.field and ids:
@@ -244,11 +252,30 @@ def _tour(args: argparse.Namespace) -> int:
     runs = sum(r.kind == "run" for r in reports)
     print(f"{claims_summary(reports)} across {runs} methods and {len(reports) - runs} "
           "benchmarks")
-    print(f"the report (open it in a browser): {index.resolve()}")
+    print("the atlas site — open it in a browser:")
+    print(index.resolve())
     if any(r.error for r in reports):
         return EXIT_CLAIM
     if args.strict and not all(r.holds for r in reports):
         return EXIT_CLAIM
+    return EXIT_OK
+
+
+def _site(args: argparse.Namespace) -> int:
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise UsageError(f"RUN_DIR {str(d)!r} is not a folder")
+    out = Path(args.out) if args.out else dirs[0]
+    _check_creatable(out, "--out")
+    from mlatlas.site.builder import NoRunsError, build_site
+
+    try:
+        index = build_site(dirs, out)
+    except NoRunsError as exc:
+        raise UsageError(str(exc)) from None
+    print("the atlas site — open it in a browser:")
+    print(index.resolve())
     return EXIT_OK
 
 

@@ -3,12 +3,12 @@
 An experiment returns a :class:`Report`: named metrics, the :class:`Claim` objects that say in
 numbers whether the paper's headline claim held, the figures it saved and free-text notes. The
 writers turn one report into ``metrics.json`` + ``report.md`` and a list of reports (a tour)
-into ``report.html`` + ``report.md``. Nothing here imports torch.
+into a ``report.md``; the tour's HTML is the site of :mod:`mlatlas.site`. Nothing here imports
+torch.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import operator
@@ -113,6 +113,7 @@ class Report:
 
     method: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    metric_units: dict[str, str] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -131,9 +132,11 @@ class Report:
     out: Path | None = None  # where the runner wrote it (not serialised)
 
     # -- filling -------------------------------------------------------------------------
-    def metric(self, name: str, value: float) -> float:
-        """Record a scalar metric and return it."""
+    def metric(self, name: str, value: float, unit: str = "") -> float:
+        """Record a scalar metric (with its unit, e.g. ``"s"``, ``"bytes"``) and return it."""
         self.metrics[name] = float(value)
+        if unit:
+            self.metric_units[name] = unit
         return float(value)
 
     def claim(self, name: str, measured: float, target: float, op: str = ">=", unit: str = "",
@@ -191,6 +194,7 @@ class Report:
             "overrides": _jsonable(self.overrides),
             "config": _jsonable(self.config),
             "metrics": {k: _num(v) for k, v in self.metrics.items()},
+            "metric_units": dict(self.metric_units),
             "claims": [{**asdict(c), "measured": _num(c.measured), "target": _num(c.target),
                         "status": c.status} for c in self.claims],
             "holds": self.holds,
@@ -214,15 +218,13 @@ def write_run(report: Report, out: Path) -> None:
     (out / "report.md").write_text(_markdown([report], out, title=f"mlatlas {report.method}"))
 
 
-def write_tour(reports: list[Report], out: Path, title: str = "mlatlas tour") -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` summarising several runs; return both paths."""
+def write_tour(reports: list[Report], out: Path, title: str = "mlatlas tour") -> Path:
+    """Write ``report.md`` summarising several runs (the site is :mod:`mlatlas.site`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
     md.write_text(_markdown(reports, out, title))
-    page = out / "report.html"
-    page.write_text(_html(reports, out, title))
-    return page, md
+    return md
 
 
 def _markdown(reports: list[Report], out: Path, title: str) -> str:
@@ -252,43 +254,6 @@ def _markdown(reports: list[Report], out: Path, title: str) -> str:
 
 def _label(r: Report) -> str:
     return r.method + (" (bench)" if r.kind == "bench" else "")
-
-
-def _html(reports: list[Report], out: Path, title: str) -> str:
-    e = html.escape
-    rows = []
-    for r in reports:
-        if r.error:
-            rows.append(f"<tr class='no'><td>{e(_label(r))}</td><td colspan=3>run failed: "
-                        f"{e(r.error)}</td><td>✗</td></tr>")
-        for c in r.claims:
-            unit = f" {e(c.unit)}" if c.unit else ""
-            rows.append(
-                f"<tr class='{'ok' if c.holds else 'no'}'><td><a href='#{e(r.method)}'>"
-                f"{e(_label(r))}</a></td><td>{e(c.name)}</td><td>{e(_measured(c))}{unit}</td>"
-                f"<td>{e(c.op)} {_fmt(c.target)}{unit}{e(_changed(c))}</td>"
-                f"<td>{_VERDICT[c.status]}</td></tr>")
-    sections = []
-    for r in reports:
-        metrics = "".join(f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td></tr>"
-                          for k, v in r.metrics.items())
-        notes = "".join(f"<li>{e(n)}</li>" for n in r.notes)
-        figs = "".join(f"<figure><img src='{e(_rel(p, out))}' alt='{e(Path(p).stem)}'>"
-                       f"<figcaption>{e(Path(p).stem)}</figcaption></figure>" for p in r.figures)
-        sections.append(
-            f"<section id='{e(r.method)}'><h2>{e(_label(r))}</h2>"
-            f"<p>seed {r.seed} · {_fmt(r.elapsed_s)} s{' · smoke' if r.smoke else ''}</p>"
-            f"<table class='m'>{metrics}</table><ul>{notes}</ul>{figs}</section>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;text-align:left}tr.ok td:last-child{color:#080}"
-             "tr.no td:last-child{color:#b00;font-weight:bold}img{max-width:100%}"
-             "figure{display:inline-block;max-width:48%;margin:0.5em}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{e(title)}</h1>"
-            f"<p>{e(claims_summary(reports))} across {len(reports)} run(s).</p>"
-            "<table><tr><th>method</th><th>claim</th><th>measured</th><th>target</th>"
-            f"<th>holds</th></tr>{''.join(rows)}</table>{''.join(sections)}</body></html>\n")
 
 
 # ------------------------------------------------------------------------------ helpers

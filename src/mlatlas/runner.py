@@ -208,7 +208,8 @@ def run_tour(field: str | None = None, out: str | Path | None = None, *,
         echo: Called with a line of progress per run (``print``), or None.
 
     Returns:
-        The reports (runs and benchmarks, in order) and the path of ``report.html``.
+        The reports (runs and benchmarks, in order) and the path of the site's ``index.html``
+        (``report.md`` is written next to it).
 
     Raises:
         ConfigError: unknown mode, or ``out`` cannot be created.
@@ -234,8 +235,10 @@ def run_tour(field: str | None = None, out: str | Path | None = None, *,
             if echo:
                 echo(_summary_line(reports[-1]))
     title = f"mlatlas tour{f' — {field}' if field else ''}"
-    page, _ = write_tour(reports, out, title=title)
-    return reports, page
+    write_tour(reports, out, title=title)
+    from mlatlas.site.builder import build_site
+
+    return reports, build_site([out], out)
 
 
 def _tour_one(method_id: str, out: Path, mode: str, kind: str) -> Report:

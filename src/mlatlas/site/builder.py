@@ -209,8 +209,12 @@ def _claim_rows(runs: dict[str, Run | None], modes: list[str]) -> list[dict[str,
                 "text": claim_value(c), "measured": c.get("measured"),
                 "target": _target(c),
                 "changed": bool(c.get("target_changed")), "detail": c.get("detail") or ""}
-        rows.append({"name": name, "target": _target(ref),
-                     "cells": cells, "gauge": _gauge(ref, cells, modes)})
+        targets = {c["target"] for c in cells.values() if c}
+        for c in cells.values():  # a target computed by the run (or --set) differs per mode
+            if c:
+                c["own_target"] = len(targets) > 1
+        rows.append({"name": name, "target": _target(ref) if len(targets) == 1 else
+                     "per run (below)", "cells": cells, "gauge": _gauge(ref, cells, modes)})
     return rows
 
 
@@ -228,7 +232,8 @@ def _gauge(ref: dict[str, Any], cells: dict[str, Any], modes: list[str]) -> dict
     target = ref.get("target")
     points = [(m, cells[m]["measured"], cells[m]["class"]) for m in modes
               if cells[m] and cells[m]["measured"] is not None
-              and math.isfinite(cells[m]["measured"])]
+              and math.isfinite(cells[m]["measured"])
+              and cells[m]["target"] == _target(ref)]  # only the values judged by this target
     if target is None or not points or not math.isfinite(target):
         return None
     xs = [target] + [v for _, v, _ in points]

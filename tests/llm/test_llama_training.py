@@ -22,18 +22,18 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path):
 
     model, opt, gen = exp.build(cfg, V)
     straight = _history()
-    exp.train(cfg, model, opt, gen, corpus, 0, cfg.steps, straight, smoke=True)
+    exp.train(cfg, model, opt, gen, corpus, 0, cfg.steps, straight)
 
     first, opt1, gen1 = exp.build(cfg, V)
     interrupted = _history()
-    exp.train(cfg, first, opt1, gen1, corpus, 0, 3, interrupted, smoke=True)
+    exp.train(cfg, first, opt1, gen1, corpus, 0, 3, interrupted)
     path = save_checkpoint(tmp_path / "ckpt.safetensors", first, opt1, step=3,
                            generators={"data": gen1}, extra={"history": interrupted})
     del first, opt1, gen1
     torch.manual_seed(123)  # the resumed run must not depend on the global RNG's state
     resumed, opt2, gen2, step, history = exp.resume(cfg, path, corpus)
     assert step == 3 and history == interrupted
-    exp.train(cfg, resumed, opt2, gen2, corpus, step, cfg.steps, history, smoke=True)
+    exp.train(cfg, resumed, opt2, gen2, corpus, step, cfg.steps, history)
 
     assert history == straight  # same losses at every step, same validation numbers
     for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):

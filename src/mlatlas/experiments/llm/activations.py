@@ -63,6 +63,11 @@ class Config:
     eval_windows: int = 64  # (b) validation windows of seq_len tokens
 
     @classmethod
+    def smoke(cls) -> Config:
+        """A few steps, for tests: an 8-layer MLP, 3 LM steps on 4 validation windows."""
+        return cls(depth=8, lm_steps=3, eval_windows=4)
+
+    @classmethod
     def full(cls) -> Config:
         """A longer LM comparison (5× the steps, wider and deeper model)."""
         return cls(lm_hidden=96, lm_layers=3, relu_ffn=384, lm_steps=1000, eval_windows=512)
@@ -93,10 +98,8 @@ def _dead_fraction(hidden: list[torch.Tensor]) -> list[float]:
     return [float((h == 0).all(0).float().mean()) for h in hidden]
 
 
-def deep_mlp(cfg: Config, depth: int | None = None) -> dict[str, dict[str, list[float]]]:
+def deep_mlp(cfg: Config) -> dict[str, dict[str, list[float]]]:
     """Per-layer gradient norms and dead-unit fractions (see the module docstring)."""
-    if depth is not None:
-        cfg = Config(**{**cfg.__dict__, "depth": depth})
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch, cfg.width, generator=gen)
     y = torch.randint(0, 10, (cfg.batch,), generator=gen)
@@ -149,7 +152,7 @@ def _val_loss(model: Llama, val: torch.Tensor, cfg: Config, windows: int) -> flo
     return loss / (n * cfg.seq_len)
 
 
-def tiny_lm(cfg: Config, steps: int, windows: int) -> dict[str, dict[str, float | list]]:
+def tiny_lm(cfg: Config) -> dict[str, dict[str, float | list]]:
     """Train the ReLU-FFN and SwiGLU-FFN models; losses and parameter counts."""
     corpus = load_corpus("bytes")
     vocab = corpus.tokenizer.vocab_size
@@ -162,8 +165,7 @@ def tiny_lm(cfg: Config, steps: int, windows: int) -> dict[str, dict[str, float 
                      "weight_decay": 0.0}], lr=cfg.lm_lr, betas=(0.9, 0.95), foreach=True)
         gen = torch.Generator().manual_seed(cfg.seed)  # same windows for both variants
         curve = []
-        for step in progress(range(steps), steps, f"tiny LM ({ffn})",
-                             enabled=False if steps < 20 else None):
+        for step in progress(range(cfg.lm_steps), cfg.lm_steps, f"tiny LM ({ffn})"):
             for group in opt.param_groups:
                 group["lr"] = _lr(cfg, step)
             x, _ = sample_windows(corpus.train, cfg.lm_batch, cfg.seq_len, gen)
@@ -173,17 +175,17 @@ def tiny_lm(cfg: Config, steps: int, windows: int) -> dict[str, dict[str, float 
             opt.step()
             curve.append(loss.item())
         ffn_params = sum(p.numel() for layer in model.layers for p in layer.mlp.parameters())
-        res[ffn] = {"val": _val_loss(model, corpus.val, cfg, windows), "curve": curve,
+        res[ffn] = {"val": _val_loss(model, corpus.val, cfg, cfg.eval_windows), "curve": curve,
                     "ffn_params": ffn_params,
                     "params": sum(p.numel() for p in model.parameters())}
     return res
 
 
 # ---------------------------------------------------------------------- run
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """(a) gradient norms and dead units in a deep MLP; (b) ReLU vs SwiGLU FFN tiny LM."""
     rep = Report()
-    mlp = deep_mlp(cfg, depth=8 if smoke else None)
+    mlp = deep_mlp(cfg)
     norms = mlp["grad_norm"]
     for act, g in norms.items():
         rep.metric(f"(a) {act}: ‖∇W₁‖/‖∇W_L‖", g[0] / g[-1])
@@ -198,8 +200,8 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
                    sum(frac) / len(frac))
         rep.metric(f"(a) dead ReLU units, {name} (deepest hidden layer)", frac[-1])
 
-    lm_steps = 3 if smoke else cfg.lm_steps
-    lm = tiny_lm(cfg, lm_steps, 4 if smoke else cfg.eval_windows)
+    lm_steps = cfg.lm_steps
+    lm = tiny_lm(cfg)
     for ffn, r in lm.items():
         rep.metric(f"(b) {ffn}: validation loss (nats/byte)", r["val"])
         rep.metric(f"(b) {ffn}: FFN parameters", r["ffn_params"])

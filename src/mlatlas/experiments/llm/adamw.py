@@ -23,13 +23,12 @@ paths) on the parameter shapes of a small transformer.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mlatlas.measure import compare_times
 from mlatlas.optim import Adam, AdamW
 from mlatlas.plots import figure
 from mlatlas.report import Report
@@ -52,8 +51,13 @@ class Config:
     bench_width: int = 256  # their width d (4d MLP, vocab 1000)
     bench_repeats: int = 30  # timed steps per variant (median), after 5 warm-up steps
 
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few steps, for tests: 100 optimizer steps, a tiny bench."""
+        return cls(steps=100, bench_layers=1, bench_width=32, bench_repeats=2)
 
-def _trajectories(cfg: Config, steps: int) -> dict[str, torch.Tensor]:
+
+def _trajectories(cfg: Config) -> dict[str, torch.Tensor]:
     """Mean θ per group after every step: ``{name: [steps + 1, groups]}``; also runs torch."""
     sig = torch.tensor(cfg.sigmas, dtype=torch.float64).repeat_interleave(cfg.width)
     runs = {
@@ -67,7 +71,7 @@ def _trajectories(cfg: Config, steps: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed)
     means = {k: [params[k][0].detach().view(len(cfg.sigmas), -1).mean(1)] for k in runs}
     max_dev = {k: 0.0 for k in runs}
-    for _ in progress(range(steps), steps, "adam vs adamw", enabled=False if steps < 50 else None):
+    for _ in progress(range(cfg.steps), cfg.steps, "adam vs adamw"):
         noise = torch.randn(len(sig), generator=gen, dtype=torch.float64) * sig  # g = σ ξ
         for k in runs:
             for p, opt in zip(params[k], opts[k]):
@@ -81,11 +85,11 @@ def _trajectories(cfg: Config, steps: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """Retained weight per gradient-noise group under Adam+L2 and AdamW."""
     rep = Report()
-    steps = 100 if smoke else cfg.steps
-    traj = _trajectories(cfg, steps)
+    steps = cfg.steps
+    traj = _trajectories(cfg)
     dev = traj.pop("_dev")
     retained = {k: v[-1] for k, v in traj.items()}  # r = mean θ_T / θ_0 (θ_0 = 1)
     for k, r in retained.items():
@@ -94,11 +98,11 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     r_w = retained["AdamW"]
     rep.metric("AdamW: theory (1 − αλ)^T", (1 - cfg.lr * cfg.weight_decay) ** steps)
     rep.claim("AdamW: max r / min r over noise groups", (r_w.max() / r_w.min()).item(),
-              cfg.alike_tolerance, "<=",
+              cfg.alike_tolerance, "<=", target_source="alike_tolerance",
               detail=f"σ ∈ {list(cfg.sigmas)}, {steps} steps, α={cfg.lr}, λ={cfg.weight_decay}")
     r_l2 = retained["Adam + L2"]
     rep.claim("Adam + L2: r(noisiest) − r(quietest)", (r_l2[-1] - r_l2[0]).item(), cfg.l2_gap,
-              ">=", detail="the L2 term is divided by √v̂: noisy weights are decayed less")
+              ">=", target_source="l2_gap", detail="the L2 term is divided by √v̂: noisy weights are decayed less")
     rep.claim("max |θ_ours − θ_torch| over the run (Adam and AdamW)", dev.max().item(), 1e-12,
               "<=", detail="float64, every step compared")
     # the solutions differ: distance between the two final weight vectors per group
@@ -140,21 +144,16 @@ def bench(cfg: Config, out: Path) -> Report:
             params = _bench_params(cfg)
             variants[f"{name} {'foreach' if foreach else 'for-loop'}"] = cls(
                 params, lr=1e-3, weight_decay=0.1, foreach=foreach)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for i in range(5 + cfg.bench_repeats):
-        for name, opt in variants.items():
-            t = time.perf_counter()
-            opt.step()
-            if i >= 5:
-                times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    timings = compare_times({k: opt.step for k, opt in variants.items()},
+                            repeats=cfg.bench_repeats, warmup=5)
+    med = {k: t.median_s for k, t in timings.items()}
     for k, v in med.items():
         rep.metric(f"step ms: {k}", 1e3 * v)
     n = sum(p.numel() for p in _bench_params(cfg))
     rep.metric("parameters", n)
     rep.metric("for-loop: ours / torch", med["ours for-loop"] / med["torch for-loop"])
-    rep.claim("foreach step time: ours / torch", med["ours foreach"] / med["torch foreach"],
+    rep.claim("foreach step time: ours / torch.optim.AdamW(foreach=True)", med["ours foreach"] / med["torch foreach"],
               1.25, "<=", unit="x",
               detail=f"{n} parameters in {len(_bench_params(cfg))} tensors, median of "
-                     f"{cfg.bench_repeats}")
+                     f"{cfg.bench_repeats} interleaved rounds after 5 warm-up steps")
     return rep

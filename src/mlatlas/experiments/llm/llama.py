@@ -52,6 +52,12 @@ class Config:
     eval_every: int = 40  # steps between validation evaluations
     eval_windows: int = 64  # validation windows per intermediate evaluation (all at the end)
     gen_tokens: int = 32  # tokens generated for the cached-vs-uncached check
+    val_windows: int = 0  # validation windows of seq_len tokens used (0: the whole split)
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few steps, for tests: 3 steps of 4 windows, 20 validation windows."""
+        return cls(steps=3, eval_every=3, eval_windows=4, batch=4, gen_tokens=4, val_windows=20)
 
     @classmethod
     def full(cls) -> Config:
@@ -110,12 +116,10 @@ def evaluate(model: Llama, tokens: torch.Tensor, seq_len: int, max_windows: int 
 
 
 def train(cfg: Config, model: Llama, opt: torch.optim.Optimizer, gen: torch.Generator,
-          corpus: Corpus, start: int, stop: int, history: dict[str, list[float]],
-          smoke: bool = False) -> None:
+          corpus: Corpus, start: int, stop: int, history: dict[str, list[float]]) -> None:
     """Run optimizer steps ``start … stop-1`` in place (resumable at any step)."""
     model.train()
-    for step in progress(range(start, stop), stop - start, "pretrain llama",
-                         enabled=False if smoke else None):
+    for step in progress(range(start, stop), stop - start, "pretrain llama"):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         x, y = sample_windows(corpus.train, cfg.batch, cfg.seq_len, gen)
@@ -151,16 +155,13 @@ def bigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int
     return float(-logp[val[:-1], val[1:]].mean())
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """Pretrain, check the loss bound and the KV cache, write checkpoint and HF folder."""
-    if smoke:
-        cfg = Config(**{**cfg.__dict__, "steps": 3, "eval_every": 3, "eval_windows": 4,
-                        "batch": 4, "gen_tokens": 4})
     out = Path(out)
     rep = Report()
     corpus = load_corpus("bpe", cfg.vocab_size)
     V = corpus.tokenizer.vocab_size
-    val = corpus.val if not smoke else corpus.val[:20 * cfg.seq_len]
+    val = corpus.val[:cfg.val_windows * cfg.seq_len] if cfg.val_windows else corpus.val
     # the a-priori bound: computed from the data before any training
     h_uni = rep.metric("val unigram entropy (nats/token)", unigram_entropy(val, V))
     rep.metric("val bigram cross-entropy, add-0.1 fit on train (nats/token)",
@@ -172,7 +173,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     rep.metric("parameters", sum(p.numel() for p in model.parameters()))
     history: dict[str, list[float]] = {"train_step": [], "train_loss": [], "val_step": [],
                                        "val_loss": []}
-    train(cfg, model, opt, gen, corpus, 0, cfg.steps, history, smoke)
+    train(cfg, model, opt, gen, corpus, 0, cfg.steps, history)
     ckpt = save_checkpoint(out / "checkpoint.safetensors", model, opt, step=cfg.steps,
                            generators={"data": gen}, extra={"history": history})
     rep.note(f"training checkpoint (weights + AdamW state + data RNG): {ckpt.name}")

@@ -27,12 +27,15 @@ from mlatlas.datasets.digits import load_digits
 from mlatlas.generative import metrics
 from mlatlas.generative.ddpm import DDPMScheduler, denoise, network_fn
 from mlatlas.generative.guidance import cfg_loss, classifier_free_guidance
-from mlatlas.generative.networks import MLPDenoiser, SmallUNet
-from mlatlas.generative.noise_schedule import epsilon_loss
-from mlatlas.generative.training import TrainResult, train_denoiser
+from mlatlas.generative.networks import SmallUNet
+from mlatlas.generative.toy_benchmark import (
+    ToyDenoiserSettings,
+    ToyDensityScore,
+    train_toy_denoiser,
+)
+from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Config:
     ema_decay: float = 0.995  # EMA of the weights; samples come from the EMA model
     beta_schedule: str = "linear"  # "linear" or "squaredcos_cap_v2"
     num_train_timesteps: int = 1000  # T
+    sample_steps: int = 1000  # ancestral steps when sampling (a sub-chain of T when fewer)
     n_sub: int = 1000  # points per scored subset (SW₂ depends on the sample size)
     n_subsets: int = 3  # generated subsets: n_sub × n_subsets samples, mean ± s.e. reported
     n_reference: int = 20000  # size of the true reference sample
@@ -55,6 +59,7 @@ class Config:
     sw_factor: float = 2.0  # claim: SW₂(model) ≤ sw_factor × noise floor (fixed a priori)
     digits: bool = False  # also train on 8×8 digits (the --full run)
     digit_train_steps: int = 3000  # AdamW steps of the digit U-Net (batch 128)
+    digit_ema_decay: float = 0.999  # EMA of the digit U-Net's weights
     digit_base: int = 16  # U-Net channels at 8×8
     digit_samples: int = 200  # conditional and unconditional digits generated each
     digit_sample_steps: int = 250  # ancestral DDPM steps for digits (a sub-chain of T)
@@ -62,62 +67,16 @@ class Config:
     seed: int = 0
 
     @classmethod
+    def smoke(cls) -> Config:
+        """20 training steps, 20 sampling steps, 2 subsets of 100 points (for tests)."""
+        return cls(train_steps=20, sample_steps=20, n_sub=100, n_subsets=2, n_reference=2000,
+                   floor_repeats=2, digit_train_steps=5, digit_ema_decay=0.9, digit_samples=20,
+                   digit_sample_steps=10)
+
+    @classmethod
     def full(cls) -> Config:
         """The 2-D run with 8 scored subsets, plus digits (≈ 6–8 min of CPU, mostly the U-Net)."""
         return cls(digits=True, n_subsets=8, floor_repeats=32)
-
-
-def toy_model(hidden: int, depth: int, num_classes: int | None = None) -> MLPDenoiser:
-    """The 2-D denoiser every generative experiment of this field trains."""
-    return MLPDenoiser(dim=2, hidden=hidden, depth=depth, time_dim=32, num_classes=num_classes)
-
-
-def train_toy_denoiser(cfg: Config, out: Path, scheduler: DDPMScheduler, *, smoke: bool,
-                       name: str = "ddpm") -> tuple[MLPDenoiser, TrainResult]:
-    """Train :func:`toy_model` on ``cfg.density`` with the ε-loss; resumable checkpoint."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = toy_model(cfg.hidden, cfg.depth)
-    steps = 20 if smoke else cfg.train_steps
-    res = train_denoiser(
-        model, lambda m, x0, gen: epsilon_loss(m, x0, scheduler, gen),
-        lambda n, gen: toy2d.sample(cfg.density, n, gen), steps, cfg.lr,
-        batch_size=cfg.batch_size, generator=g, warmup=min(100, steps // 10), schedule="cosine",
-        ema_decay=cfg.ema_decay, checkpoint=out / f"{name}_{cfg.density}.safetensors",
-        tag=f"{cfg.density}/{cfg.hidden}x{cfg.depth}/{cfg.beta_schedule}/{cfg.batch_size}/"
-            f"{cfg.lr}/{cfg.seed}",
-        show_progress=not smoke, desc=f"train {name}")
-    return model, res
-
-
-class ToyScore:
-    """SW₂ to a large true reference sample on fixed directions, with error bars and a floor.
-
-    A generated batch is split into subsets of ``n_sub`` points; ``score(x)`` is the mean SW₂
-    of the subsets and its standard error — the run's own estimate of the metric's noise.
-    ``floor`` / ``floor_std`` are the mean and spread of the SW₂ that ``n_sub`` *exact*
-    samples score against the same reference (the noise floor).
-    """
-
-    def __init__(self, density: str, n_sub: int, n_reference: int, repeats: int, seed: int):
-        ref = toy2d.sample(density, n_reference, torch.Generator().manual_seed(10_000 + seed))
-        self.sw = metrics.SlicedWassersteinReference(ref, n_projections=256, seed=seed)
-        self.floor, self.floor_std = metrics.sw_noise_floor(
-            lambda k, gen: toy2d.sample(density, k, gen), n_sub, ref, repeats=repeats,
-            n_projections=256, seed=20_000 + seed, projection_seed=seed)
-        self.floor_se = self.floor_std / math.sqrt(repeats)
-        self.n_sub = n_sub
-        self.reference = ref
-
-    def __call__(self, x: torch.Tensor) -> tuple[float, float]:
-        """Mean SW₂ over the ``len(x) // n_sub`` subsets of ``x`` and its standard error."""
-        r = x.shape[0] // self.n_sub
-        if r < 1:
-            raise ValueError(f"need at least n_sub={self.n_sub} samples, got {x.shape[0]}")
-        vals = torch.tensor([self.sw(x[i * self.n_sub:(i + 1) * self.n_sub])
-                             for i in range(r)], dtype=torch.float64)
-        se = float(vals.std() / math.sqrt(r)) if r > 1 else float("nan")
-        return float(vals.mean()), se
 
 
 def _scatter(out: Path, name: str, panels: dict[str, torch.Tensor]) -> Path:
@@ -132,26 +91,27 @@ def _scatter(out: Path, name: str, panels: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """Train on the 2-D density, sample with 1000 ancestral steps, score against the truth."""
     rep = Report()
-    with torch_threads(cfg.threads):
-        _run_toy(cfg, out, smoke, rep)
-        if cfg.digits:
-            _run_digits(cfg, out, smoke, rep)
+    _run_toy(cfg, out, rep)
+    if cfg.digits:
+        _run_digits(cfg, out, rep)
     return rep
 
 
-def _run_toy(cfg: Config, out: Path, smoke: bool, rep: Report) -> None:
+def _run_toy(cfg: Config, out: Path, rep: Report) -> None:
     sched = DDPMScheduler(cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                           clip_sample=False)
-    model, res = train_toy_denoiser(cfg, out, sched, smoke=smoke)
-    n_sub = 100 if smoke else cfg.n_sub
-    n = n_sub * (2 if smoke else cfg.n_subsets)
-    score = ToyScore(cfg.density, n_sub, 2000 if smoke else cfg.n_reference,
-                     2 if smoke else cfg.floor_repeats, cfg.seed)
+    settings = ToyDenoiserSettings(cfg.density, cfg.train_steps, cfg.batch_size, cfg.lr,
+                                   cfg.hidden, cfg.depth, cfg.ema_decay, cfg.seed)
+    res = train_toy_denoiser(settings, sched, checkpoint=out / f"ddpm_{cfg.density}.safetensors",
+                             desc="train ddpm")
+    n_sub = cfg.n_sub
+    n = n_sub * cfg.n_subsets
+    score = ToyDensityScore(cfg.density, n_sub, cfg.n_reference, cfg.floor_repeats, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    sched.set_timesteps(20 if smoke else cfg.num_train_timesteps)
+    sched.set_timesteps(cfg.sample_steps)
     x = denoise(network_fn(res.ema, cfg.num_train_timesteps), sched,
                 torch.randn(n, 2, generator=g), generator=g)
     sw, sw_se = score(x)
@@ -170,8 +130,8 @@ def _run_toy(cfg: Config, out: Path, smoke: bool, rep: Report) -> None:
     elif cfg.density == "checkerboard":
         rep.metric("frac_samples_in_support",
                    float(torch.isfinite(toy2d.log_prob(cfg.density, x)).float().mean()))
-    rep.claim(f"DDPM-1000 SW₂ / noise floor ({cfg.density})", sw / score.floor, cfg.sw_factor,
-              op="<=", unit="x",
+    rep.claim(f"DDPM-{cfg.sample_steps} SW₂ / noise floor ({cfg.density})", sw / score.floor,
+              cfg.sw_factor, op="<=", unit="x", target_source="sw_factor",
               detail=f"SW₂ of {n_sub} samples vs {score.reference.shape[0]} true samples = "
                      f"{sw:.4f} ± {sw_se:.4f} (mean ± s.e. over {n // n_sub} subsets); "
                      f"{n_sub} exact samples score {score.floor:.4f} (std {score.floor_std:.4f} "
@@ -187,7 +147,7 @@ def _run_toy(cfg: Config, out: Path, smoke: bool, rep: Report) -> None:
              "ancestral, from the EMA weights; SW₂ on 256 fixed random directions.")
 
 
-def _run_digits(cfg: Config, out: Path, smoke: bool, rep: Report) -> None:
+def _run_digits(cfg: Config, out: Path, rep: Report) -> None:
     x_train, y_train = load_digits("train")
     T = cfg.num_train_timesteps
     sched = DDPMScheduler(T, beta_schedule="squaredcos_cap_v2", clip_sample=True)
@@ -199,17 +159,17 @@ def _run_digits(cfg: Config, out: Path, smoke: bool, rep: Report) -> None:
         idx = torch.randint(0, x_train.shape[0], (n,), generator=gen)
         return x_train[idx], y_train[idx]
 
-    steps = 5 if smoke else cfg.digit_train_steps
+    steps = cfg.digit_train_steps
     res = train_denoiser(net, lambda m, b, gen: cfg_loss(m, b[0], b[1], sched, gen, 0.1), data,
                          steps, 2e-3, batch_size=128, generator=g, warmup=min(200, steps // 10),
-                         schedule="cosine", ema_decay=0.999 if not smoke else 0.9,
+                         schedule="cosine", ema_decay=cfg.digit_ema_decay,
                          checkpoint=out / "ddpm_digits.safetensors",
-                         tag=f"digits/{cfg.digit_base}/{cfg.seed}", show_progress=not smoke,
+                         tag=f"digits/{cfg.digit_base}/{cfg.seed}", show_progress=True,
                          desc="train digits")
     model = res.ema
     clf = metrics.train_digit_classifier(seed=cfg.seed)
-    n = 20 if smoke else cfg.digit_samples
-    sched.set_timesteps(10 if smoke else cfg.digit_sample_steps)
+    n = cfg.digit_samples
+    sched.set_timesteps(cfg.digit_sample_steps)
     y = torch.arange(n) % 10
     x_cond = denoise(classifier_free_guidance(model, y, 0.0, T), sched,
                      torch.randn(n, 1, 8, 8, generator=g), generator=g)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ from mlatlas.generative.networks import MLPDenoiser
 from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 NLL_MARGIN_NATS = 0.2  # NLL − H ≤ 0.2 nats
 MODELS = ("realnvp", "fm", "cnf")
@@ -71,10 +70,18 @@ class Config:
     lr: float = 2e-3  # flow-matching peak learning rate (cosine to 0.1·lr)
     realnvp_lr: float = 3e-3  # RealNVP peak learning rate
     n_test: int = 1000  # fresh true samples for the NLL
+    entropy_samples: int = 200_000  # exact samples of the Monte Carlo entropy H
+    plot_samples: int = 2000  # samples drawn from each model for the figure
     rtol: float = 1e-5  # RK45 tolerance of the likelihood solves
     time_scale: float = 30.0  # sinusoidal time-embedding factor of the ODE networks
     threads: int = 1  # torch threads (tiny networks run best on one)
     seed: int = 0  # seed of data, initialisation and noise
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few steps of each model, small networks, loose RK45 (for tests)."""
+        return cls(realnvp_steps=10, cnf_steps=2, fm_steps=10, n_test=64, rtol=1e-3,
+                   realnvp_couplings=2, fm_hidden=32, entropy_samples=2000, plot_samples=64)
 
     @classmethod
     def full(cls) -> Config:
@@ -92,12 +99,12 @@ def _velocity_net(hidden: int, time_scale: float) -> MLPDenoiser:
     return net
 
 
-def _train(kind: str, cfg: Config, density: str, out: Path, g: torch.Generator, smoke: bool,
+def _train(kind: str, cfg: Config, density: str, out: Path, g: torch.Generator,
            fm_net: torch.nn.Module | None = None):
     """Train one model; return ``(log_prob(x) -> [n], sampler(n) -> [n, 2], module)``."""
     data = lambda n, gen: toy2d.sample(density, n, gen)  # noqa: E731
-    common = dict(generator=g, schedule="cosine", show_progress=not smoke, desc=f"{kind} "
-                  f"{density}", checkpoint=out / f"{kind}_{density}.safetensors")
+    common = dict(generator=g, schedule="cosine", show_progress=True, desc=f"{kind} {density}",
+                  checkpoint=out / f"{kind}_{density}.safetensors")
     torch.manual_seed(cfg.seed)
     if kind == "realnvp":
         flow = RealNVP(2, cfg.realnvp_couplings, cfg.realnvp_hidden, mixing=cfg.realnvp_mixing,
@@ -145,46 +152,43 @@ def _train(kind: str, cfg: Config, density: str, out: Path, g: torch.Generator, 
                                           atol=1e-4), cnf
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    if smoke:
-        cfg = replace(cfg, realnvp_steps=10, cnf_steps=2, fm_steps=10, n_test=64, rtol=1e-3,
-                      realnvp_couplings=2, fm_hidden=32)
+def run(cfg: Config, out: Path) -> Report:
+    """Train each model on each density; exact test NLL against the true entropy."""
     rep = Report()
     out = Path(out)
     g = torch.Generator().manual_seed(cfg.seed)
     results: dict[tuple[str, str], dict] = {}
-    with torch_threads(cfg.threads):
-        for density in cfg.densities:
-            if density not in ("8gaussians", "checkerboard"):
-                raise ValueError(f"densities must have an exact log_prob (8gaussians, "
-                                 f"checkerboard), got {density!r}")
-            entropy = toy2d.entropy(density, 200_000 if not smoke else 2000,
-                                    torch.Generator().manual_seed(cfg.seed + 1))
-            rep.metric(f"entropy_{density}", entropy)
-            x_test = toy2d.sample(density, cfg.n_test, g)
-            lp_true = toy2d.log_prob(density, x_test.double())
-            trained: dict[str, torch.nn.Module] = {}
-            for kind in cfg.models:
-                t0 = time.process_time()
-                log_prob, sampler, trained[kind] = _train(kind, cfg, density, out, g, smoke,
-                                                          trained.get("fm"))
-                rep.metric(f"train_cpu_s_{kind}_{density}", time.process_time() - t0)
-                t0 = time.process_time()
-                lp = log_prob(x_test).double()
-                rep.metric(f"nll_cpu_s_{kind}_{density}", time.process_time() - t0)
-                nll = float(-lp.mean())
-                rep.metric(f"nll_{kind}_{density}", nll)
-                rep.metric(f"nll_stderr_{kind}_{density}", float(lp.std() / math.sqrt(len(lp))))
-                rep.metric(f"paired_kl_{kind}_{density}", float((lp_true - lp).mean()))
-                if kind == "cnf":  # the training solver's NLL: a large gap = exploited steps
-                    with torch.no_grad():
-                        nll_rk4 = float(-trained[kind].log_prob(
-                            x_test, solver="rk4", n_steps=cfg.cnf_rk4_steps).mean())
-                    rep.metric(f"nll_rk4_{kind}_{density}", nll_rk4)
-                rep.claim(f"{kind} on {density}: NLL − H (nats)", nll - entropy,
-                          NLL_MARGIN_NATS, op="<=", unit="nats",
-                          detail=f"{cfg.n_test} fresh test points; H = {entropy:.4f}")
-                results[(kind, density)] = {"samples": sampler(2000 if not smoke else 64)}
+    for density in cfg.densities:
+        if density not in ("8gaussians", "checkerboard"):
+            raise ValueError(f"densities must have an exact log_prob (8gaussians, "
+                             f"checkerboard), got {density!r}")
+        entropy = toy2d.entropy(density, cfg.entropy_samples,
+                                torch.Generator().manual_seed(cfg.seed + 1))
+        rep.metric(f"entropy_{density}", entropy)
+        x_test = toy2d.sample(density, cfg.n_test, g)
+        lp_true = toy2d.log_prob(density, x_test.double())
+        trained: dict[str, torch.nn.Module] = {}
+        for kind in cfg.models:
+            t0 = time.process_time()
+            log_prob, sampler, trained[kind] = _train(kind, cfg, density, out, g,
+                                                      trained.get("fm"))
+            rep.metric(f"train_cpu_s_{kind}_{density}", time.process_time() - t0)
+            t0 = time.process_time()
+            lp = log_prob(x_test).double()
+            rep.metric(f"nll_cpu_s_{kind}_{density}", time.process_time() - t0)
+            nll = float(-lp.mean())
+            rep.metric(f"nll_{kind}_{density}", nll)
+            rep.metric(f"nll_stderr_{kind}_{density}", float(lp.std() / math.sqrt(len(lp))))
+            rep.metric(f"paired_kl_{kind}_{density}", float((lp_true - lp).mean()))
+            if kind == "cnf":  # the training solver's NLL: a large gap = exploited steps
+                with torch.no_grad():
+                    nll_rk4 = float(-trained[kind].log_prob(
+                        x_test, solver="rk4", n_steps=cfg.cnf_rk4_steps).mean())
+                rep.metric(f"nll_rk4_{kind}_{density}", nll_rk4)
+            rep.claim(f"{kind} on {density}: NLL − H (nats)", nll - entropy,
+                      NLL_MARGIN_NATS, op="<=", unit="nats",
+                      detail=f"{cfg.n_test} fresh test points; H = {entropy:.4f}")
+            results[(kind, density)] = {"samples": sampler(cfg.plot_samples)}
     _plot(out, rep, results, cfg)
     if any(not c.holds for c in rep.claims if "checkerboard" in c.name):
         rep.note("The checkerboard density is discontinuous (uniform on the dark squares, 0 "

@@ -30,7 +30,6 @@ import torch
 from scipy.stats import spearmanr
 
 from mlatlas.datasets import toy2d
-from mlatlas.experiments.generative.ddpm import toy_model
 from mlatlas.generative import metrics
 from mlatlas.generative.ddim import DDIMScheduler, ddim_sample
 from mlatlas.generative.ddpm import network_fn
@@ -42,10 +41,10 @@ from mlatlas.generative.guidance import (
     noisy_classifier_loss,
 )
 from mlatlas.generative.noise_schedule import NoiseSchedule
+from mlatlas.generative.toy_benchmark import toy_model
 from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -73,13 +72,18 @@ class Config:
     threads: int = 1  # torch threads (tiny networks run faster on one)
     seed: int = 0
 
+    @classmethod
+    def smoke(cls) -> Config:
+        """20 steps of each network, 10 samples per class, 5 DDIM steps (for tests)."""
+        return cls(train_steps=20, classifier_steps=20, per_class=10, sample_steps=5)
+
 
 def _diversity(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
     """Per-class k-NN entropy estimate (nats), averaged over classes."""
     return sum(metrics.knn_entropy(x[y == c], k=3) for c in range(k)) / k
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """Train a CFG ε-network and a noisy classifier; sweep both guidance scales."""
     rep = Report()
     k = cfg.num_classes
@@ -87,54 +91,53 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     means = (cfg.radius * torch.stack([angles.cos(), angles.sin()], dim=1)).float()
     sched = NoiseSchedule(cfg.num_train_timesteps)
     T = cfg.num_train_timesteps
-    with torch_threads(cfg.threads):
-        g = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        model = toy_model(cfg.hidden, cfg.depth, num_classes=k)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = toy_model(cfg.hidden, cfg.depth, num_classes=k)
 
-        def data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            return toy2d.mixture_sample_labeled(means, cfg.std, n, gen)
+    def data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return toy2d.mixture_sample_labeled(means, cfg.std, n, gen)
 
-        steps = 20 if smoke else cfg.train_steps
-        res = train_denoiser(
-            model, lambda m, b, gen: cfg_loss(m, b[0], b[1], sched, gen, cfg.p_uncond), data,
-            steps, cfg.lr, batch_size=cfg.batch_size, generator=g,
-            warmup=min(100, steps // 10), schedule="cosine", ema_decay=cfg.ema_decay,
-            checkpoint=out / "guidance_eps.safetensors",
-            tag=f"mixture{k}/{cfg.hidden}x{cfg.depth}/{cfg.p_uncond}/{cfg.seed}",
-            show_progress=not smoke, desc="train ε(x, y)")
-        eps_model = res.ema
-        torch.manual_seed(cfg.seed + 1)
-        clf = NoisyClassifier(2, k, hidden=64, depth=3, time_dim=32)
-        csteps = 20 if smoke else cfg.classifier_steps
-        cres = train_denoiser(
-            clf, lambda m, b, gen: noisy_classifier_loss(m, b[0], b[1], sched, gen), data,
-            csteps, cfg.lr, batch_size=cfg.classifier_batch_size, generator=g,
-            warmup=min(50, csteps // 10), schedule="cosine",
-            checkpoint=out / "guidance_classifier.safetensors",
-            tag=f"mixture{k}/clf/{cfg.seed}", show_progress=not smoke, desc="train p(y|x_t)")
-        clf.eval().requires_grad_(False)
+    steps = cfg.train_steps
+    res = train_denoiser(
+        model, lambda m, b, gen: cfg_loss(m, b[0], b[1], sched, gen, cfg.p_uncond), data,
+        steps, cfg.lr, batch_size=cfg.batch_size, generator=g,
+        warmup=min(100, steps // 10), schedule="cosine", ema_decay=cfg.ema_decay,
+        checkpoint=out / "guidance_eps.safetensors",
+        tag=f"mixture{k}/{cfg.hidden}x{cfg.depth}/{cfg.p_uncond}/{cfg.seed}",
+        show_progress=True, desc="train ε(x, y)")
+    eps_model = res.ema
+    torch.manual_seed(cfg.seed + 1)
+    clf = NoisyClassifier(2, k, hidden=64, depth=3, time_dim=32)
+    csteps = cfg.classifier_steps
+    cres = train_denoiser(
+        clf, lambda m, b, gen: noisy_classifier_loss(m, b[0], b[1], sched, gen), data,
+        csteps, cfg.lr, batch_size=cfg.classifier_batch_size, generator=g,
+        warmup=min(50, csteps // 10), schedule="cosine",
+        checkpoint=out / "guidance_classifier.safetensors",
+        tag=f"mixture{k}/clf/{cfg.seed}", show_progress=True, desc="train p(y|x_t)")
+    clf.eval().requires_grad_(False)
 
-        per = 10 if smoke else cfg.per_class
-        y = torch.arange(k).repeat_interleave(per)
-        z = torch.randn(y.shape[0], 2, generator=torch.Generator().manual_seed(cfg.seed + 2))
-        ddim = DDIMScheduler(T, clip_sample=False, timestep_spacing="trailing")
-        ddim.set_timesteps(5 if smoke else cfg.sample_steps)
-        uncond = network_fn(eps_model, T)  # y = None → the null label ∅
-        curves: dict[str, dict[str, list[float]]] = {}
-        samples: dict[str, torch.Tensor] = {}
-        for kind, scales in (("classifier-free", cfg.cfg_scales),
-                             ("classifier", cfg.classifier_scales)):
-            acc, div = [], []
-            for s in scales:
-                fn = (classifier_free_guidance(eps_model, y, s, T) if kind == "classifier-free"
-                      else classifier_guidance(uncond, clf, y, s, sched))
-                x = ddim_sample(fn, ddim, z)
-                judge = toy2d.mixture_class_log_posterior(x, means, cfg.std).argmax(dim=1)
-                acc.append(float((judge == y).float().mean()))
-                div.append(_diversity(x, y, k))
-                samples[f"{kind} {s:g}"] = x
-            curves[kind] = {"scale": list(scales), "accuracy": acc, "diversity": div}
+    per = cfg.per_class
+    y = torch.arange(k).repeat_interleave(per)
+    z = torch.randn(y.shape[0], 2, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    ddim = DDIMScheduler(T, clip_sample=False, timestep_spacing="trailing")
+    ddim.set_timesteps(cfg.sample_steps)
+    uncond = network_fn(eps_model, T)  # y = None → the null label ∅
+    curves: dict[str, dict[str, list[float]]] = {}
+    samples: dict[str, torch.Tensor] = {}
+    for kind, scales in (("classifier-free", cfg.cfg_scales),
+                         ("classifier", cfg.classifier_scales)):
+        acc, div = [], []
+        for s in scales:
+            fn = (classifier_free_guidance(eps_model, y, s, T) if kind == "classifier-free"
+                  else classifier_guidance(uncond, clf, y, s, sched))
+            x = ddim_sample(fn, ddim, z)
+            judge = toy2d.mixture_class_log_posterior(x, means, cfg.std).argmax(dim=1)
+            acc.append(float((judge == y).float().mean()))
+            div.append(_diversity(x, y, k))
+            samples[f"{kind} {s:g}"] = x
+        curves[kind] = {"scale": list(scales), "accuracy": acc, "diversity": div}
 
     xt, yt = toy2d.mixture_sample_labeled(means, cfg.std, 20000,
                                           torch.Generator().manual_seed(cfg.seed + 3))
@@ -155,7 +158,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
                   f"{c['diversity'][0]:.3f} → {c['diversity'][-1]:.3f} over scales "
                   f"{c['scale'][0]:g} … {c['scale'][-1]:g}")
         c_acc = rep.claim(f"{kind} guidance: Spearman ρ(scale, class accuracy)", rho_acc,
-                          cfg.rho_target, op=">=", detail=detail)
+                          cfg.rho_target, op=">=", detail=detail, target_source="rho_target")
         top = max(c["accuracy"])
         if not c_acc.holds and top >= 0.99:
             first = next(s for s, a in zip(c["scale"], c["accuracy"], strict=True) if a >= 0.99)
@@ -167,7 +170,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
                      "rank correlation below the target. The a-priori scale grid reaches far "
                      "past saturation for this toy.")
         rep.claim(f"{kind} guidance: Spearman ρ(scale, diversity)", rho_div,
-                  -cfg.rho_target, op="<=", detail=detail)
+                  -cfg.rho_target, op="<=", detail=detail, target_source="rho_target")
 
     path = out / "accuracy_vs_diversity.png"
     with figure(path, ncols=2) as (fig, axes):

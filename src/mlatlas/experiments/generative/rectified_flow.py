@@ -7,20 +7,21 @@ as in the paper). Quality is the sliced Wasserstein distance (SW) to fresh true 
 Targets (fixed before any run):
 
 * 2-RF with 1 and with 2 Euler steps: ``SW_k ≤ 1.2 · SW_100 + 2·σ_floor`` with ``SW_100`` the
-  2-RF's own 100-step SW and ``σ_floor`` the standard deviation of SW between two independent
-  true sample sets (the metric's noise: a 20% band is meaningless below it).
+  2-RF's own 100-step SW (``reference_steps``) and ``σ_floor`` the standard deviation of SW
+  between two independent true sample sets (the metric's noise: a 20% band is meaningless
+  below it).
 * Straightness ``S = ∫ E‖(Z1 − Z0) − v(Z_t, t)‖² dt`` along each flow's own 100-step paths:
   ``S(2-RF) ≤ 0.5 · S(1-RF)``.
 
 ``bench()`` (``mlatlas bench rectified-flow``) puts 1-RF, 2-RF, DDIM (η = 0) and DDPM
-(ancestral, 1000 steps) side by side: SW and wall time against network evaluations.
+(ancestral, all T = 1000 steps) side by side: SW and wall time against network evaluations.
 """
 
 from __future__ import annotations
 
-import statistics
+import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +36,9 @@ from mlatlas.generative.rectified_flow import (
     straightness,
 )
 from mlatlas.generative.training import train_denoiser
+from mlatlas.measure import compare_times
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 FEW_STEP_FACTOR = 1.2  # k-step SW within 20% of the 100-step SW (+ 2 σ of the metric)
 STRAIGHTNESS_RATIO = 0.5  # S(2-RF) ≤ 0.5 · S(1-RF)
@@ -62,19 +63,25 @@ class Config:
     ema_decay: float = 0.995  # EMA of the weights used for sampling
     n_eval: int = 3000  # samples per quality measurement
     eval_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 100)  # Euler step counts evaluated
+    reference_steps: int = 100  # Euler steps of the reference SW and of the straightness paths
     n_floor: int = 5  # pairs of true sample sets for the SW noise floor
     threads: int = 1  # torch threads (tiny networks run best on one)
+    bench_nfes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 100)  # bench(): NFEs besides eval_steps
+    ddpm_timesteps: int = 1000  # bench(): T of the DDPM/DDIM baseline (DDPM samples all T)
+    bench_repeats: int = 3  # timed rounds per sampler in bench() (median reported)
     seed: int = 0  # seed of data, initialisation, noise and projections
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few training steps, 256 samples, 8-step reference (for tests)."""
+        return cls(steps=15, reflow_steps=10, n_couplings=256, coupling_steps=8, n_eval=256,
+                   eval_steps=(1, 2, 8), reference_steps=8, n_floor=2, bench_nfes=(1, 2),
+                   ddpm_timesteps=100, bench_repeats=1)
 
     @classmethod
     def full(cls) -> Config:
         """Longer training (≈ 2 min)."""
         return cls(steps=10000, reflow_steps=6000, n_couplings=50000, n_eval=10000)
-
-
-def _smoke(cfg: Config) -> Config:
-    return replace(cfg, steps=15, reflow_steps=10, n_couplings=256, coupling_steps=8,
-                   n_eval=256, eval_steps=(1, 2, 8), n_floor=2)
 
 
 def _sw(a: torch.Tensor, b: torch.Tensor, seed: int) -> float:
@@ -89,7 +96,7 @@ def _floor(cfg: Config, g: torch.Generator) -> tuple[float, float, torch.Tensor]
     return float(vals.mean()), float(vals.std()) if cfg.n_floor > 1 else 0.0, sets[-1]
 
 
-def train_flows(cfg: Config, out: Path, g: torch.Generator, *, smoke: bool = False
+def train_flows(cfg: Config, out: Path, g: torch.Generator
                 ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, float]]:
     """Train 1-RF, generate its couplings, train 2-RF; return both EMA models and timings."""
     info: dict[str, float] = {}
@@ -103,7 +110,7 @@ def train_flows(cfg: Config, out: Path, g: torch.Generator, *, smoke: bool = Fal
         lambda n, gen: cfg.scale * toy2d.sample(cfg.density, n, gen), cfg.steps, cfg.lr,
         batch_size=cfg.batch_size, generator=g, schedule="cosine", warmup=100,
         ema_decay=cfg.ema_decay, checkpoint=out / "rf1.safetensors", tag=f"rf1-{tag}",
-        show_progress=not smoke, desc="1-RF")
+        show_progress=True, desc="1-RF")
     info["train_1rf_cpu_s"] = time.process_time() - t0
     rf1 = r1.ema.eval()
 
@@ -125,40 +132,39 @@ def train_flows(cfg: Config, out: Path, g: torch.Generator, *, smoke: bool = Fal
         model2, lambda m, b, gen: rectified_flow_loss(m, b[1], b[0], generator=gen), pairs,
         cfg.reflow_steps, cfg.reflow_lr, batch_size=cfg.batch_size, generator=g,
         schedule="cosine", ema_decay=cfg.ema_decay, checkpoint=out / "rf2.safetensors",
-        tag=f"rf2-{tag}-{cfg.n_couplings}", show_progress=not smoke, desc="2-RF (reflow)")
+        tag=f"rf2-{tag}-{cfg.n_couplings}", show_progress=True, desc="2-RF (reflow)")
     info["train_2rf_cpu_s"] = time.process_time() - t0
     return rf1, r2.ema.eval(), info
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    if smoke:
-        cfg = _smoke(cfg)
-    if 100 not in cfg.eval_steps and not smoke:
-        raise ValueError(f"eval_steps must contain 100 (the reference), got {cfg.eval_steps}")
-    ref_steps = max(cfg.eval_steps)
+def run(cfg: Config, out: Path) -> Report:
+    """Train 1-RF and 2-RF; SW against Euler steps, straightness of both flows."""
+    ref_steps = cfg.reference_steps
+    if ref_steps not in cfg.eval_steps or 1 not in cfg.eval_steps or 2 not in cfg.eval_steps:
+        raise ValueError(f"eval_steps must contain 1, 2 and reference_steps={ref_steps}, got "
+                         f"{cfg.eval_steps}")
     rep = Report()
     out = Path(out)
     g = torch.Generator().manual_seed(cfg.seed)
-    with torch_threads(cfg.threads):
-        rf1, rf2, info = train_flows(cfg, out, g, smoke=smoke)
-        for k, v in info.items():
-            rep.metric(k, v)
-        floor, floor_std, ref = _floor(cfg, g)
-        rep.metric("sw_floor_true_vs_true", floor)
-        rep.metric("sw_floor_std", floor_std)
-        z = torch.randn(cfg.n_eval, 2, generator=g)
-        sw: dict[str, list[float]] = {"1-RF": [], "2-RF": []}
-        samples = {}
-        for name, net in (("1-RF", rf1), ("2-RF", rf2)):
-            for k in cfg.eval_steps:
-                x = sample_euler(net, z, k) / cfg.scale
-                samples[(name, k)] = x
-                sw[name].append(_sw(x, ref, cfg.seed))
-                rep.metric(f"sw_{name}_{k}step", sw[name][-1])
-        s1, c1 = straightness(rf1, z, 100 if not smoke else 8)
-        s2, c2 = straightness(rf2, z, 100 if not smoke else 8)
-        rep.metric("straightness_1rf", s1)
-        rep.metric("straightness_2rf", s2)
+    rf1, rf2, info = train_flows(cfg, out, g)
+    for k, v in info.items():
+        rep.metric(k, v)
+    floor, floor_std, ref = _floor(cfg, g)
+    rep.metric("sw_floor_true_vs_true", floor)
+    rep.metric("sw_floor_std", floor_std)
+    z = torch.randn(cfg.n_eval, 2, generator=g)
+    sw: dict[str, list[float]] = {"1-RF": [], "2-RF": []}
+    samples = {}
+    for name, net in (("1-RF", rf1), ("2-RF", rf2)):
+        for k in cfg.eval_steps:
+            x = sample_euler(net, z, k) / cfg.scale
+            samples[(name, k)] = x
+            sw[name].append(_sw(x, ref, cfg.seed))
+            rep.metric(f"sw_{name}_{k}step", sw[name][-1])
+    s1, c1 = straightness(rf1, z, ref_steps)
+    s2, c2 = straightness(rf2, z, ref_steps)
+    rep.metric("straightness_1rf", s1)
+    rep.metric("straightness_2rf", s2)
 
     sw100 = dict(zip(cfg.eval_steps, sw["2-RF"]))[ref_steps]
     sw100_1rf = dict(zip(cfg.eval_steps, sw["1-RF"]))[ref_steps]
@@ -170,7 +176,8 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
                          f"{cfg.n_eval} samples, 256 fixed projections")
         rep.metric(f"ratio_2rf_{k}step_to_1rf_{ref_steps}step",
                    dict(zip(cfg.eval_steps, sw["2-RF"]))[k] / sw100_1rf)
-    rep.metric("ratio_1rf_1step_to_1rf_100step", sw["1-RF"][0] / sw100_1rf)
+    rep.metric("ratio_1rf_1step_to_1rf_100step",
+               dict(zip(cfg.eval_steps, sw["1-RF"]))[1] / sw100_1rf)
     rep.claim("straightness S(2-RF) / S(1-RF)", s2 / s1 if s1 > 0 else float("nan"),
               STRAIGHTNESS_RATIO, op="<=",
               detail="S along each flow's own Euler paths from the same noise (flow space)")
@@ -203,15 +210,6 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
 
 
 # ------------------------------------------------------------------------------ bench
-def _median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def bench(cfg: Config, out: Path) -> Report:
     """Quality (SW) and sampling wall time vs network evaluations: 1-RF, 2-RF, DDIM, DDPM."""
     from mlatlas.generative.ddim import DDIMScheduler, ddim_sample
@@ -221,71 +219,81 @@ def bench(cfg: Config, out: Path) -> Report:
     rep = Report()
     out = Path(out)
     g = torch.Generator().manual_seed(cfg.seed)
-    nfes = sorted(set(cfg.eval_steps) | {1, 2, 4, 8, 16, 32, 100})
-    repeats = 3
-    with torch_threads(cfg.threads):
-        rf1, rf2, _ = train_flows(cfg, out, g)
-        torch.manual_seed(cfg.seed)
-        eps_net = MLPDenoiser(dim=2, hidden=cfg.hidden, depth=cfg.depth)
-        sched = NoiseSchedule(1000)
-        rd = train_denoiser(
-            eps_net, lambda m, x, gen: epsilon_loss(m, x, sched, gen),
-            lambda n, gen: cfg.scale * toy2d.sample(cfg.density, n, gen), cfg.steps, cfg.lr,
-            batch_size=cfg.batch_size, generator=g, schedule="cosine", warmup=100,
-            ema_decay=cfg.ema_decay, checkpoint=out / "ddpm.safetensors",
-            tag=f"ddpm-{cfg.density}-{cfg.hidden}x{cfg.depth}", show_progress=True, desc="DDPM")
-        eps_fn = network_fn(rd.ema.eval(), 1000)
-        floor, floor_std, ref = _floor(cfg, g)
-        rep.metric("sw_floor_true_vs_true", floor)
-        z = torch.randn(cfg.n_eval, 2, generator=g)
+    nfes = sorted(set(cfg.eval_steps) | set(cfg.bench_nfes))
+    if 2 not in nfes:
+        raise ValueError(f"bench_nfes or eval_steps must contain 2 (the claims), got {nfes}")
+    T = cfg.ddpm_timesteps
+    ddpm_name = f"DDPM-{T}"
+    rf1, rf2, _ = train_flows(cfg, out, g)
+    torch.manual_seed(cfg.seed)
+    eps_net = MLPDenoiser(dim=2, hidden=cfg.hidden, depth=cfg.depth)
+    sched = NoiseSchedule(T)
+    rd = train_denoiser(
+        eps_net, lambda m, x, gen: epsilon_loss(m, x, sched, gen),
+        lambda n, gen: cfg.scale * toy2d.sample(cfg.density, n, gen), cfg.steps, cfg.lr,
+        batch_size=cfg.batch_size, generator=g, schedule="cosine", warmup=100,
+        ema_decay=cfg.ema_decay, checkpoint=out / "ddpm.safetensors",
+        tag=f"ddpm-{cfg.density}-{cfg.hidden}x{cfg.depth}", show_progress=True, desc="DDPM")
+    eps_fn = network_fn(rd.ema.eval(), T)
+    floor, floor_std, ref = _floor(cfg, g)
+    rep.metric("sw_floor_true_vs_true", floor)
+    z = torch.randn(cfg.n_eval, 2, generator=g)
 
-        def ddim(k: int) -> torch.Tensor:
-            s = DDIMScheduler(1000, clip_sample=False, timestep_spacing="trailing")
-            s.set_timesteps(k)
-            return ddim_sample(eps_fn, s, z)
+    # every sampler is deterministic given z (DDPM re-seeds its generator): it can be timed
+    # repeatedly and its samples scored once
+    def ddim(k: int) -> torch.Tensor:
+        s = DDIMScheduler(T, clip_sample=False, timestep_spacing="trailing")
+        s.set_timesteps(k)
+        return ddim_sample(eps_fn, s, z)
 
-        def ddpm() -> torch.Tensor:
-            s = DDPMScheduler(1000, clip_sample=False)
-            s.set_timesteps(1000)
-            return denoise(eps_fn, s, z, generator=torch.Generator().manual_seed(cfg.seed))
+    def ddpm() -> torch.Tensor:
+        s = DDPMScheduler(T, clip_sample=False)
+        s.set_timesteps(T)
+        return denoise(eps_fn, s, z, generator=torch.Generator().manual_seed(cfg.seed))
 
-        methods = {"1-RF": lambda k: sample_euler(rf1, z, k),
-                   "2-RF": lambda k: sample_euler(rf2, z, k), "DDIM": ddim}
-        for fn in methods.values():  # warm-up
-            fn(2)
-        quality: dict[str, list[float]] = {m: [] for m in methods}
-        wall: dict[str, list[float]] = {m: [] for m in methods}
-        for k in nfes:  # interleaved: every method at this NFE before the next NFE
-            for name, fn in methods.items():
-                t, x = _median_time(lambda fn=fn, k=k: fn(k), repeats)
-                quality[name].append(_sw(x / cfg.scale, ref, cfg.seed))
-                wall[name].append(t)
-                rep.metric(f"sw_{name}_{k}nfe", quality[name][-1])
-                rep.metric(f"wall_s_{name}_{k}nfe", t)
-        t_ddpm, x_ddpm = _median_time(ddpm, repeats)
-        sw_ddpm = _sw(x_ddpm / cfg.scale, ref, cfg.seed)
-        rep.metric("sw_DDPM_1000nfe", sw_ddpm)
-        rep.metric("wall_s_DDPM_1000nfe", t_ddpm)
+    methods = {"1-RF": lambda k: sample_euler(rf1, z, k),
+               "2-RF": lambda k: sample_euler(rf2, z, k), "DDIM": ddim}
+    quality: dict[str, list[float]] = {m: [] for m in methods}
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    t_ddpm = float("nan")
+    sw_ddpm = _sw(ddpm() / cfg.scale, ref, cfg.seed)
+    for k in nfes:  # interleaved: every method at this NFE, median of rounds
+        candidates = {name: functools.partial(fn, k) for name, fn in methods.items()}
+        for name, draw in candidates.items():  # scored once: also each one's warm-up
+            quality[name].append(_sw(draw() / cfg.scale, ref, cfg.seed))
+            rep.metric(f"sw_{name}_{k}nfe", quality[name][-1])
+        if k == 2:  # the speed-up claim: 2-RF 2-step and DDPM T-step in the same rounds
+            candidates[ddpm_name] = ddpm
+        times = compare_times(candidates, repeats=cfg.bench_repeats, warmup=0)
+        for name in methods:
+            wall[name].append(times[name].median_s)
+            rep.metric(f"wall_s_{name}_{k}nfe", wall[name][-1])
+        if k == 2:
+            t_ddpm = times[ddpm_name].median_s
+    rep.metric(f"sw_DDPM_{T}nfe", sw_ddpm)
+    rep.metric(f"wall_s_DDPM_{T}nfe", t_ddpm)
 
     i2 = nfes.index(2)
     rep.claim("SW 2-RF / SW DDIM at 2 network evaluations", quality["2-RF"][i2] /
               quality["DDIM"][i2], 1.0, op="<=", unit="x",
               detail=f"{cfg.n_eval} samples each, same noise, same network size and steps")
-    rep.claim("wall-time speed-up 2-RF 2-step vs DDPM 1000-step", t_ddpm / wall["2-RF"][i2],
-              100.0, op=">=", unit="x", detail=f"median of {repeats}, {cfg.n_eval} samples")
-    rep.metric("sw_ratio_2rf_2nfe_to_ddpm_1000", quality["2-RF"][i2] / sw_ddpm)
+    rep.claim(f"wall-time speed-up 2-RF 2-step vs DDPM {T}-step", t_ddpm / wall["2-RF"][i2],
+              100.0, op=">=", unit="x",
+              detail=f"median of {cfg.bench_repeats} interleaved rounds, {cfg.n_eval} samples")
+    rep.metric(f"sw_ratio_2rf_2nfe_to_ddpm_{T}", quality["2-RF"][i2] / sw_ddpm)
     with figure(out / "bench_quality_vs_nfe.png", ncols=2, size=(10, 4)) as (_, axes):
-        curves(axes[0][0], {**quality, "DDPM-1000": [sw_ddpm] * len(nfes),
+        curves(axes[0][0], {**quality, ddpm_name: [sw_ddpm] * len(nfes),
                             "true vs true": [floor] * len(nfes)}, x=nfes,
                xlabel="network evaluations", ylabel="sliced Wasserstein", logx=True, logy=True,
                title="quality vs NFE")
-        curves(axes[0][1], {**wall, "DDPM-1000": [t_ddpm] * len(nfes)}, x=nfes,
+        curves(axes[0][1], {**wall, ddpm_name: [t_ddpm] * len(nfes)}, x=nfes,
                xlabel="network evaluations", ylabel="wall time (s)", logx=True, logy=True,
                title=f"sampling {cfg.n_eval} points")
     rep.figure(out / "bench_quality_vs_nfe.png")
     rep.note("DDIM uses η = 0 and 'trailing' timestep spacing (the spacing that keeps the "
-             "first step at t = T for very few steps); the ε-network (linear β, T = 1000) has "
+             f"first step at t = T for very few steps); the ε-network (linear β, T = {T}) has "
              "the same size, data scaling and training budget as the flows and is not tuned "
              "further (the ddim experiment has its own, larger-batch setup). Wall times are "
-             "sampling only, single-threaded, median of 3 after a warm-up.")
+             f"sampling only, on {cfg.threads} thread(s), median of {cfg.bench_repeats} "
+             "interleaved rounds after a warm-up (mlatlas.measure.compare_times).")
     return rep

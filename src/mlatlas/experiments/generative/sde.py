@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,6 @@ from mlatlas.generative.sde import (
 from mlatlas.generative.training import train_denoiser
 from mlatlas.plots import figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 SW_TARGET_FACTOR = 2.0  # SW(SDE, ODE) ≤ 2·floor + excess model error
 KL_TARGET_NATS = 0.15  # mean log p_true − log p_ODE on held-out data
@@ -70,6 +69,11 @@ class Config:
     seed: int = 0  # seed of data, initialisation, noise and projections
 
     @classmethod
+    def smoke(cls) -> Config:
+        """20 training steps, 200 samples, 20 EM steps, loose RK45 (for tests)."""
+        return cls(steps=20, n_samples=200, em_steps=20, n_likelihood=40, rtol=1e-3, n_floor=2)
+
+    @classmethod
     def full(cls) -> Config:
         """Longer training, a wider network and more samples (≈ 4 min)."""
         return cls(steps=15000, hidden=128, n_samples=5000, em_steps=1000, n_likelihood=3000)
@@ -80,85 +84,82 @@ def _sw(a: torch.Tensor, b: torch.Tensor, seed: int) -> float:
     return sliced_wasserstein(a, b, 256, generator=torch.Generator().manual_seed(seed + 7))
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    if smoke:
-        cfg = replace(cfg, steps=20, n_samples=200, em_steps=20, n_likelihood=40, rtol=1e-3,
-                      n_floor=2)
+def run(cfg: Config, out: Path) -> Report:
+    """Train the score, sample with the reverse SDE and the PF-ODE, compute the likelihood."""
     rep = Report()
     out = Path(out)
     g = torch.Generator().manual_seed(cfg.seed)
     sde = VPSDE(cfg.beta_min, cfg.beta_max)
-    with torch_threads(cfg.threads):
-        torch.manual_seed(cfg.seed)
-        model = MLPDenoiser(dim=2, hidden=cfg.hidden, depth=cfg.depth)
-        model.time_embed.scale = cfg.time_scale  # default 1000·t suits DDPM's integer steps
-        t0 = time.process_time()
-        result = train_denoiser(
-            model, lambda m, x, gen: denoising_score_loss(m, sde, x, eps=cfg.eps,
-                                                        t_sampling=cfg.t_sampling, generator=gen),
-            lambda n, gen: cfg.scale * toy2d.sample(cfg.density, n, gen), cfg.steps, cfg.lr,
-            batch_size=cfg.batch_size, generator=g, schedule="cosine", warmup=100,
-            ema_decay=cfg.ema_decay, checkpoint=out / "eps_model.safetensors",
-            tag=f"sde-{cfg.density}-{cfg.hidden}x{cfg.depth}-{cfg.batch_size}-{cfg.t_sampling}",
-            show_progress=not smoke, desc="score matching")
-        rep.metric("train_cpu_s", time.process_time() - t0)
-        rep.metric("final_loss", sum(result.losses[-100:]) / len(result.losses[-100:]))
-        net = result.ema.eval()
-        score = score_from_eps(net, sde)
+    torch.manual_seed(cfg.seed)
+    model = MLPDenoiser(dim=2, hidden=cfg.hidden, depth=cfg.depth)
+    model.time_embed.scale = cfg.time_scale  # default 1000·t suits DDPM's integer steps
+    t0 = time.process_time()
+    result = train_denoiser(
+        model, lambda m, x, gen: denoising_score_loss(m, sde, x, eps=cfg.eps,
+                                                    t_sampling=cfg.t_sampling, generator=gen),
+        lambda n, gen: cfg.scale * toy2d.sample(cfg.density, n, gen), cfg.steps, cfg.lr,
+        batch_size=cfg.batch_size, generator=g, schedule="cosine", warmup=100,
+        ema_decay=cfg.ema_decay, checkpoint=out / "eps_model.safetensors",
+        tag=f"sde-{cfg.density}-{cfg.hidden}x{cfg.depth}-{cfg.batch_size}-{cfg.t_sampling}",
+        show_progress=True, desc="score matching")
+    rep.metric("train_cpu_s", time.process_time() - t0)
+    rep.metric("final_loss", sum(result.losses[-100:]) / len(result.losses[-100:]))
+    net = result.ema.eval()
+    score = score_from_eps(net, sde)
 
-        n = cfg.n_samples
-        # independent prior draws: shared x_T would correlate the two sets and make them
-        # look closer than two independent sets of one distribution (the noise floor)
-        x_T, x_T_ode = sde.prior_sample((n, 2), g), sde.prior_sample((n, 2), g)
-        t0 = time.perf_counter()
-        x_sde = reverse_sde_sample(score, sde, x_T, cfg.em_steps, eps=cfg.eps, generator=g)
-        rep.metric("sde_wall_s", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        x_ode, nfe = pf_ode_sample(score, sde, x_T_ode, eps=cfg.eps, rtol=cfg.rtol,
-                                   atol=cfg.rtol)
-        rep.metric("ode_wall_s", time.perf_counter() - t0)
-        rep.metric("ode_nfe", nfe)
-        x_sde, x_ode = x_sde / cfg.scale, x_ode / cfg.scale
-        x_coarse = reverse_sde_sample(score, sde, sde.prior_sample((n, 2), g), 5, eps=cfg.eps,
-                                      generator=g) / cfg.scale
+    n = cfg.n_samples
+    # independent prior draws: shared x_T would correlate the two sets and make them
+    # look closer than two independent sets of one distribution (the noise floor)
+    x_T, x_T_ode = sde.prior_sample((n, 2), g), sde.prior_sample((n, 2), g)
+    t0 = time.perf_counter()
+    x_sde = reverse_sde_sample(score, sde, x_T, cfg.em_steps, eps=cfg.eps, generator=g)
+    rep.metric("sde_wall_s", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    x_ode, nfe = pf_ode_sample(score, sde, x_T_ode, eps=cfg.eps, rtol=cfg.rtol,
+                               atol=cfg.rtol)
+    rep.metric("ode_wall_s", time.perf_counter() - t0)
+    rep.metric("ode_nfe", nfe)
+    x_sde, x_ode = x_sde / cfg.scale, x_ode / cfg.scale
+    x_coarse = reverse_sde_sample(score, sde, sde.prior_sample((n, 2), g), 5, eps=cfg.eps,
+                                  generator=g) / cfg.scale
 
-        true = [toy2d.sample(cfg.density, n, g) for _ in range(2 * cfg.n_floor + 1)]
-        floor_vals = [_sw(true[2 * i], true[2 * i + 1], cfg.seed) for i in range(cfg.n_floor)]
-        floor = sum(floor_vals) / len(floor_vals)
-        ref = true[-1]
-        sw_sde, sw_ode = _sw(x_sde, ref, cfg.seed), _sw(x_ode, ref, cfg.seed)
-        sw_between = _sw(x_sde, x_ode, cfg.seed)
-        rep.metric("sw_floor_true_vs_true", floor)
-        rep.metric("sw_floor_std", torch.tensor(floor_vals).std().item() if cfg.n_floor > 1
-                   else 0.0)
-        rep.metric("sw_sde_vs_data", sw_sde)
-        rep.metric("sw_ode_vs_data", sw_ode)
-        rep.metric("sw_sde_vs_ode", sw_between)
-        rep.metric("sw_5step_sde_vs_ode", _sw(x_coarse, x_ode, cfg.seed))
-        excess = max(0.0, sw_ode - floor)
-        rep.claim("SW(reverse SDE, PF-ODE) vs noise floor", sw_between,
-                  SW_TARGET_FACTOR * floor + excess, op="<=",
-                  detail=f"target = 2·floor ({floor:.4f}) + model excess over floor "
-                         f"({excess:.4f}); {n} samples each, 256 fixed projections")
+    true = [toy2d.sample(cfg.density, n, g) for _ in range(2 * cfg.n_floor + 1)]
+    floor_vals = [_sw(true[2 * i], true[2 * i + 1], cfg.seed) for i in range(cfg.n_floor)]
+    floor = sum(floor_vals) / len(floor_vals)
+    ref = true[-1]
+    sw_sde, sw_ode = _sw(x_sde, ref, cfg.seed), _sw(x_ode, ref, cfg.seed)
+    sw_between = _sw(x_sde, x_ode, cfg.seed)
+    rep.metric("sw_floor_true_vs_true", floor)
+    rep.metric("sw_floor_std", torch.tensor(floor_vals).std().item() if cfg.n_floor > 1
+               else 0.0)
+    rep.metric("sw_sde_vs_data", sw_sde)
+    rep.metric("sw_ode_vs_data", sw_ode)
+    rep.metric("sw_sde_vs_ode", sw_between)
+    rep.metric("sw_5step_sde_vs_ode", _sw(x_coarse, x_ode, cfg.seed))
+    excess = max(0.0, sw_ode - floor)
+    rep.claim("SW(reverse SDE, PF-ODE) vs noise floor", sw_between,
+              SW_TARGET_FACTOR * floor + excess, op="<=",
+              detail=f"target = 2·floor ({floor:.4f}) + model excess over floor "
+                     f"({excess:.4f}); {n} samples each, 256 fixed projections")
 
-        # exact likelihood through the PF-ODE on held-out true samples (in x coordinates)
-        x_test = toy2d.sample(cfg.density, cfg.n_likelihood, g)
-        t0 = time.perf_counter()
-        lp_scaled, nfe_ll = pf_ode_log_likelihood(score, sde, cfg.scale * x_test, eps=cfg.eps,
-                                                  trace="exact", rtol=cfg.rtol, atol=cfg.rtol)
-        rep.metric("likelihood_wall_s", time.perf_counter() - t0)
-        rep.metric("likelihood_nfe", nfe_ll)
-        # change of variables y = s·x: log p_x(x) = log p_y(s x) + D log s
-        lp = lp_scaled.double() + 2 * math.log(cfg.scale)
-        lp_true = toy2d.log_prob(cfg.density, x_test.double())
-        gap = lp_true - lp
-        rep.metric("mean_log_p_true", float(lp_true.mean()))
-        rep.metric("mean_log_p_ode", float(lp.mean()))
-        rep.metric("kl_stderr", float(gap.std() / math.sqrt(len(gap))))
-        rep.claim("E[log p_true − log p_PF-ODE] (nats)", float(gap.mean()), KL_TARGET_NATS,
-                  op="<=", unit="nats",
-                  detail=f"paired over {len(gap)} held-out points; exact trace, RK45 "
-                         f"rtol={cfg.rtol}")
+    # exact likelihood through the PF-ODE on held-out true samples (in x coordinates)
+    x_test = toy2d.sample(cfg.density, cfg.n_likelihood, g)
+    t0 = time.perf_counter()
+    lp_scaled, nfe_ll = pf_ode_log_likelihood(score, sde, cfg.scale * x_test, eps=cfg.eps,
+                                              trace="exact", rtol=cfg.rtol, atol=cfg.rtol)
+    rep.metric("likelihood_wall_s", time.perf_counter() - t0)
+    rep.metric("likelihood_nfe", nfe_ll)
+    # change of variables y = s·x: log p_x(x) = log p_y(s x) + D log s
+    lp = lp_scaled.double() + 2 * math.log(cfg.scale)
+    lp_true = toy2d.log_prob(cfg.density, x_test.double())
+    gap = lp_true - lp
+    rep.metric("mean_log_p_true", float(lp_true.mean()))
+    rep.metric("mean_log_p_ode", float(lp.mean()))
+    rep.metric("kl_stderr", float(gap.std() / math.sqrt(len(gap))))
+    rep.claim("E[log p_true − log p_PF-ODE] (nats)", float(gap.mean()), KL_TARGET_NATS,
+              op="<=", unit="nats",
+              detail=f"paired over {len(gap)} held-out points; exact trace, RK45 "
+                     f"rtol={cfg.rtol}")
 
     _plots(out, rep, ref, x_sde, x_ode, x_test, lp, lp_true, cfg)
     rep.note("The ε-network's score −ε/s(t) drives both samplers; the PF-ODE is integrated by "

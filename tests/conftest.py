@@ -25,6 +25,8 @@ _IMPORT_SKIP = "could not import"
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
+    if not torch.cuda.is_available():  # before any test imports triton (transformers does):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run interpreted
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlatlas.llm.hf_format import config_from_hf, config_to_hf, hf_key_map
+from mlatlas.llm.hf_format import config_fields_from_hf, config_to_hf, hf_key_map
 from mlatlas.llm.llama import KVCache, Llama, LlamaConfig, next_token_loss
 
 ATOL = RTOL = 1e-5  # fp32 CPU
@@ -211,12 +211,13 @@ def test_llama3_scaling_covers_all_three_bands():
 
 def test_config_json_round_trip_and_legacy_rope_keys():
     cfg = LlamaConfig(**CONFIGS["llama3"]["ours"])
-    assert config_from_hf(config_to_hf(cfg)) == cfg
+    assert LlamaConfig(**config_fields_from_hf(config_to_hf(cfg))) == cfg
     legacy = {k: v for k, v in config_to_hf(cfg).items() if k != "rope_parameters"}
-    assert config_from_hf(legacy) == cfg  # transformers 4.x: rope_theta + rope_scaling
+    # transformers 4.x: rope_theta + rope_scaling
+    assert LlamaConfig(**config_fields_from_hf(legacy)) == cfg
     legacy["rope_scaling"] = {k: v for k, v in LLAMA3_SCALING.items() if k != "rope_type"}
     legacy["rope_scaling"]["type"] = "llama3"  # the oldest spelling
-    assert config_from_hf(legacy) == cfg
+    assert LlamaConfig(**config_fields_from_hf(legacy)) == cfg
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -249,11 +250,11 @@ def test_from_pretrained_errors(tmp_path):
         Llama.from_pretrained(tmp_path / "nothing")
     cfg = json.loads((folder / "config.json").read_text())
     with pytest.raises(ValueError, match="model_type 'llama', got 'mistral'"):
-        config_from_hf({**cfg, "model_type": "mistral"})
+        config_fields_from_hf({**cfg, "model_type": "mistral"})
     with pytest.raises(ValueError, match="attention_bias=True is not supported"):
-        config_from_hf({**cfg, "attention_bias": True})
+        config_fields_from_hf({**cfg, "attention_bias": True})
     with pytest.raises(ValueError, match=r"missing required keys \['num_hidden_layers'\]"):
-        config_from_hf({k: v for k, v in cfg.items() if k != "num_hidden_layers"})
+        config_fields_from_hf({k: v for k, v in cfg.items() if k != "num_hidden_layers"})
 
 
 def test_config_errors():
@@ -344,7 +345,7 @@ def test_layer_runner_hook_and_state_dict():
 
     model.layer_runner = runner
     torch.testing.assert_close(model(ids), ref, atol=0, rtol=0)
-    assert seen == [["attn_mask", "cos", "cu_seqlens", "sin"]]
+    assert seen == [["cos", "mask", "sin"]]
     assert set(model.state_dict()) == keys
     cache = model.new_cache()
     model(ids, cache=cache)  # the runner is not used with a cache
@@ -353,3 +354,64 @@ def test_layer_runner_hook_and_state_dict():
     assert model.lm_head.weight is model.embed_tokens.weight
     assert sum(p.numel() for p in model.parameters()) == sum(
         t.numel() for k, t in model.state_dict().items() if k != "lm_head.weight")
+
+
+def test_attn_mask_replaces_the_causal_mask_tree_verification_over_a_cache():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**CONFIGS["llama3"]["ours"])).eval()
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()[None, None]
+    torch.testing.assert_close(model(ids, attn_mask=causal), model(ids), atol=ATOL, rtol=RTOL)
+    # a token tree after a cached prompt of 6: root r, children a, b of r, child c of a
+    # (Medusa / speculative verification): each node sees the prompt and its ancestors only
+    prompt, tree = ids[:, :6], torch.randint(0, 97, (2, 4), generator=g)
+    parent = [-1, 0, 0, 1]
+    depth = torch.tensor([0, 1, 1, 2])
+    sees = torch.zeros(4, 4, dtype=torch.bool)
+    for i in range(4):
+        j = i
+        while j >= 0:
+            sees[i, j], j = True, parent[j]
+    attn = torch.cat([torch.ones(4, 6, dtype=torch.bool), sees], 1)[None, None]  # [1, 1, 4, 10]
+    cache = model.new_cache()
+    model(prompt, cache=cache)
+    got = model(tree, (6 + depth)[None], cache, attn_mask=attn)
+    for i, path in enumerate([[0], [0, 1], [0, 2], [0, 1, 3]]):
+        alone = model(torch.cat([prompt, tree[:, path]], 1))[:, -1]
+        torch.testing.assert_close(got[:, i], alone, atol=ATOL, rtol=RTOL)
+    # combined with HF-style padding: row 0 left-padded by 2
+    pad = torch.ones(2, 11, dtype=torch.long)
+    pad[0, :2] = 0
+    pos = (pad.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(model(ids, pos, attention_mask=pad, attn_mask=causal)[pad.bool()],
+                               model(ids, pos, attention_mask=pad)[pad.bool()], atol=ATOL,
+                               rtol=RTOL)
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor .* got torch.float32"):
+        model(ids, attn_mask=causal.float())
+    with pytest.raises(ValueError, match=r"attn_mask must be \[B=2 or 1, 1, T=11, P\+T=11\], got "
+                                         r"\(1, 11, 11\)"):
+        model(ids, attn_mask=causal[0])
+
+
+@pytest.mark.parametrize("backend", ["math", "flash", "flash_triton"])
+def test_attention_backends_agree(backend):
+    interpreted = backend == "flash_triton"  # Triton's CPU interpreter: keep it tiny
+    cfg = {**CONFIGS["llama3"]["ours"], "num_layers": 1 if interpreted else 2}
+    torch.manual_seed(0)
+    ref = Llama(LlamaConfig(**cfg))
+    model = Llama(LlamaConfig(**cfg, attn_backend=backend))
+    model.load_state_dict(ref.state_dict())
+    assert model.layers[0].self_attn.backend == backend
+    ids = torch.randint(0, 97, (2, 7 if interpreted else 13),
+                        generator=torch.Generator().manual_seed(10))
+    out, want = model(ids), ref(ids)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+    want_grads = torch.autograd.grad(want.square().mean(), list(ref.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), grads, want_grads):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
+    if not interpreted:
+        assert torch.equal(model.generate(ids[:, :5], 6), ref.generate(ids[:, :5], 6))
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        LlamaConfig(**cfg, attn_backend="xformers")

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlatlas.llm.llama import Llama, LlamaConfig
+from mlatlas.llm.llama import AttentionMask, Llama, LlamaConfig
 from mlatlas.llm.packing import (
     IGNORE_INDEX,
     first_fit_decreasing,
     pack,
     packed_causal_mask,
-    packed_position_ids,
     pad,
     token_losses,
 )
+from mlatlas.nn.rope import packed_position_ids, rope_cos_sin
 
 ATOL = RTOL = 1e-5  # fp32 CPU
 
@@ -64,12 +64,13 @@ def test_pack_layout():
     assert pb.placement == [(1, 0, 3), (0, 0, 5), (0, 5, 1), (1, 3, 2)]
     assert pb.num_tokens == 11 and pb.padding_fraction == pytest.approx(1 / 12)
     assert [t.tolist() for t in pb.unpack(pb.input_ids)] == [d.tolist() for d in docs]
-    assert torch.equal(packed_position_ids(pb.cu_seqlens, 2, 6), pb.position_ids)
-    mask = packed_causal_mask(pb.cu_seqlens, 2, 6)
-    assert mask.shape == (2, 1, 6, 6)
-    assert mask[0, 0].long().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0],
-                                          [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
-                                          [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert torch.equal(packed_position_ids(pb.cu_seqlens).view(2, 6), pb.position_ids)
+    mask = packed_causal_mask(pb.cu_seqlens)
+    assert mask.shape == (1, 1, 12, 12)
+    assert mask[0, 0, :6, :6].long().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0],
+                                                  [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+                                                  [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert not mask[0, 0, 6:, :6].any()  # rows never see each other
     # micro-batches of rows keep consistent boundaries
     parts = pb.split(1)
     assert [p.cu_seqlens.tolist() for p in parts] == [[0, 5, 6], [0, 3, 5, 6]]
@@ -104,18 +105,34 @@ def test_packed_losses_and_grads_equal_padded(max_tokens):
 
 
 def test_varlen_attention_equals_dense_block_diagonal_mask():
-    model = _model()
+    model = _model(max_position_embeddings=200)  # the dense check runs 160 tokens in one row
     packed = pack(_docs(11, seed=2), 40)
     layer = model.layers[0]
-    x = torch.randn(*packed.input_ids.shape, 48, generator=torch.Generator().manual_seed(3))
-    from mlatlas.nn.rope import rope_cos_sin
-
-    cos, sin = rope_cos_sin(packed.position_ids, model.inv_freq)
-    varlen = layer(x, cos=cos, sin=sin, attn_mask=None, cu_seqlens=packed.cu_seqlens)
-    R, L = packed.input_ids.shape
-    dense = layer(x, cos=cos, sin=sin, attn_mask=packed_causal_mask(packed.cu_seqlens, R, L),
-                  cu_seqlens=None)
+    n = packed.input_ids.numel()  # the layers see the packed rows as one stream
+    x = torch.randn(1, n, 48, generator=torch.Generator().manual_seed(3))
+    cos, sin = rope_cos_sin(packed.position_ids.view(1, n), model.inv_freq)
+    varlen = layer(x, cos=cos, sin=sin, mask=AttentionMask(cu_seqlens=packed.cu_seqlens))
+    dense = layer(x, cos=cos, sin=sin, mask=AttentionMask(
+        causal=False, attn_mask=packed_causal_mask(packed.cu_seqlens)))
     torch.testing.assert_close(varlen, dense, atol=ATOL, rtol=RTOL)
+    # and through the whole model: Llama(attn_mask=dense block-diagonal mask) on one row
+    ids, pos = packed.input_ids.view(1, n), packed.position_ids.view(1, n)
+    torch.testing.assert_close(
+        model(packed.input_ids, cu_seqlens=packed.cu_seqlens).view(1, n, -1),
+        model(ids, pos, attn_mask=packed_causal_mask(packed.cu_seqlens)), atol=ATOL, rtol=RTOL)
+
+
+def test_a_document_may_span_rows():
+    # one contract (attention.reference.check_cu_seqlens): boundaries of the flattened stream,
+    # so a document may continue on the next row; positions restart only at boundaries
+    model = _model()
+    doc = torch.randint(0, 97, (7,), generator=torch.Generator().manual_seed(6))
+    other = torch.randint(0, 97, (3,), generator=torch.Generator().manual_seed(7))
+    ids = torch.cat([other, doc]).view(2, 5)
+    cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32)  # an empty segment is allowed too
+    got = model(ids, cu_seqlens=cu).view(10, -1)
+    torch.testing.assert_close(got[3:], model(doc[None])[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(got[:3], model(other[None])[0], atol=ATOL, rtol=RTOL)
 
 
 def test_no_attention_across_documents():
@@ -145,17 +162,17 @@ def test_bad_input():
         pad([[1, 2], []])
     with pytest.raises(ValueError, match="max_tokens must be a positive int, got 0"):
         pack([[1]], 0)
-    with pytest.raises(ValueError, match="a document may not cross rows"):
-        packed_causal_mask(torch.tensor([0, 3, 8, 10]), 2, 5)
-    with pytest.raises(ValueError, match=r"increase strictly from 0 to B·T = 10"):
-        packed_causal_mask(torch.tensor([0, 5, 5, 10]), 2, 5)
-    with pytest.raises(ValueError, match=r"increase strictly from 0 to B·T = 10"):
-        packed_position_ids(torch.tensor([0, 5, 9]), 2, 5)
-    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D integer tensor"):
-        packed_causal_mask(torch.tensor([0.0, 10.0]), 2, 5)
+    with pytest.raises(ValueError, match=r"cu_seqlens must start at 0, be non-decreasing"):
+        packed_causal_mask(torch.tensor([0, 6, 5, 10]))
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32/int64 tensor"):
+        packed_causal_mask(torch.tensor([0.0, 10.0]))
     model = _model()
-    with pytest.raises(ValueError, match="a document may not cross rows"):
-        model(torch.zeros(2, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 7, 10]))
+    with pytest.raises(ValueError, match=r"end at the packed length 10, got \[0, 7, 9\]"):
+        model(torch.zeros(2, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 7, 9]))
+    with pytest.raises(ValueError, match="cannot be combined with cache, attention_mask or "
+                                         "attn_mask"):
+        model(torch.zeros(2, 5, dtype=torch.long), cu_seqlens=torch.tensor([0, 10]),
+              attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"logits \[..., V\] must match labels"):
         token_losses(torch.zeros(2, 5, 97), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"values must start with \[R, L\] = \(1, 6\)"):

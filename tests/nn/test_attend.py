@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from mlatlas.nn.attention import BACKENDS, attend
 
 
-def _reference(q, k, v, *, causal=False, kpm=None, mask=None, cu=None):
+def _reference(q, k, v, *, causal=False, kpm=None, mask=None, cu=None, window=None):
     """Materialised attention in float64 with an explicit [B, H, Nq, Nk] mask."""
     q, k, v = (t.double() for t in (q, k, v))
     b, hq, nq, d = q.shape
@@ -32,6 +32,13 @@ def _reference(q, k, v, *, causal=False, kpm=None, mask=None, cu=None):
             allowed &= torch.arange(nk)[None, :] <= torch.arange(nq)[:, None]
         else:
             allowed &= torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+    if window is not None:  # key j visible from query position p_i only if p_i - j < W
+        if cu is not None:
+            seg = torch.bucketize(torch.arange(nq), cu[1:], right=True)
+            local = torch.arange(nq) - cu[seg]
+            allowed &= local[None, :] > local[:, None] - window
+        else:
+            allowed &= torch.arange(nk)[None, :] > torch.arange(nq)[:, None] + (nk - nq) - window
     if kpm is not None:
         allowed &= kpm[:, None, None, :]
     if mask is not None and mask.dtype == torch.bool:
@@ -50,7 +57,7 @@ def _inputs(b, hq, hk, nq, nk, d, seed=0):
 
 def _check(backend, q, k, v, atol=1e-5, **kw):
     ref_kw = {"causal": kw.get("causal", False), "kpm": kw.get("key_padding_mask"),
-              "mask": kw.get("attn_mask"), "cu": kw.get("cu_seqlens")}
+              "mask": kw.get("attn_mask"), "cu": kw.get("cu_seqlens"), "window": kw.get("window")}
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     out = attend(qs, ks, vs, backend=backend, **kw)
     qr, kr, vr = (t.clone().double().requires_grad_() for t in (q, k, v))
@@ -105,6 +112,28 @@ def test_explicit_masks_bool_and_float(backend):
     _check(backend, q, k, v, attn_mask=bias, key_padding_mask=torch.ones(2, 10, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_sliding_window(backend):
+    # Mistral-style: causal + look back at most W keys, plain, after a cache, packed, with masks
+    q, k, v = _inputs(2, 4, 2, 13, 13, 8, seed=6)
+    for window in (1, 4, 12, 13, 40):
+        _check(backend, q, k, v, causal=True, window=window)
+    _check(backend, *_inputs(2, 4, 2, 3, 12, 8, seed=7), causal=True, window=5)
+    _check(backend, q[:1], k[:1], v[:1], causal=True, window=3,
+           cu_seqlens=torch.tensor([0, 5, 6, 13]))
+    kpm = torch.ones(2, 13, dtype=torch.bool)
+    kpm[0, :4] = False
+    _check(backend, q, k, v, causal=True, window=6, key_padding_mask=kpm)
+    tree = torch.rand(13, 13, generator=torch.Generator().manual_seed(8)) > 0.3
+    _check(backend, q, k, v, window=6, attn_mask=tree)  # one-sided: only the look-back
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_query_after_a_cache_sees_every_key(backend):
+    # decoding: causal with Nq = 1 is no mask at all, on every backend
+    _check(backend, *_inputs(2, 4, 2, 1, 9, 16, seed=10), causal=True)
+
+
 def test_fully_masked_rows_give_zero():
     q, k, v = _inputs(1, 2, 2, 4, 4, 8)
     mask = torch.ones(4, 4, dtype=torch.bool)
@@ -124,6 +153,8 @@ def test_fully_masked_rows_give_zero():
     ({"cu_seqlens": torch.tensor([0, 2, 3])}, ValueError, "end at the packed length 4"),
     ({"cu_seqlens": torch.tensor([0.0, 4.0])}, TypeError, "cu_seqlens must be an int32/int64"),
     ({"key_padding_mask": torch.ones(1, 4)}, TypeError, "key_padding_mask must be a bool"),
+    ({"window": 0}, ValueError, "window must be a positive int or None, got 0"),
+    ({"window": 2, "backend": "flash"}, ValueError, "backend 'flash' takes no window"),
 ])
 def test_bad_input(kwargs, err, match):
     q, k, v = _inputs(1, 2, 2, 4, 4, 8)

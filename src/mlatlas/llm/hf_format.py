@@ -1,9 +1,12 @@
-"""Hugging Face checkpoints for :class:`~mlatlas.llm.llama.Llama`: config.json + safetensors.
+"""Hugging Face checkpoint folders for the Llama family: config.json + safetensors.
 
 A Hugging Face ``LlamaForCausalLM`` folder holds ``config.json`` and one or more
 ``*.safetensors`` files with parameters named ``model.layers.{i}.self_attn.q_proj.weight`` and
 so on. Our parameter names are the same without the ``model.`` prefix; :func:`hf_key_map` is
-the one explicit table between them, used by loading, saving and the parity tests. Loading
+the one explicit table between them, used by loading, saving and the parity tests. This
+module knows the *format* only — dicts and tensors, never the model class:
+:meth:`mlatlas.llm.llama.Llama.from_pretrained` builds the model from what
+:func:`read_folder`, :func:`config_fields_from_hf` and :func:`state_from_hf` return. Loading
 reads safetensors only (never pickle) and fails on missing or unexpected tensors.
 
 =====================  ==============================================
@@ -22,15 +25,15 @@ ours                   Hugging Face
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from mlatlas.llm.llama import Llama, LlamaConfig
-
-__all__ = ["config_from_hf", "config_to_hf", "hf_key_map", "load_pretrained",
-           "save_pretrained"]
+__all__ = ["HFFolder", "config_fields_from_hf", "config_to_hf", "hf_key_map", "read_folder",
+           "state_from_hf", "write_folder"]
 
 _LAYER_PARAMS = (
     "input_layernorm.weight", "post_attention_layernorm.weight",
@@ -40,8 +43,25 @@ _LAYER_PARAMS = (
 )
 
 
-def hf_key_map(config: LlamaConfig) -> dict[str, str]:
+@dataclass
+class HFFolder:
+    """What a Hugging Face folder holds.
+
+    Attributes:
+        config: The parsed ``config.json``.
+        tensors: Every tensor of every ``*.safetensors`` file, by Hugging Face name.
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]
+
+
+def hf_key_map(config: Any) -> dict[str, str]:
     """Our parameter name → Hugging Face ``LlamaForCausalLM`` parameter name.
+
+    Args:
+        config: A :class:`~mlatlas.llm.llama.LlamaConfig` (read: ``num_layers``,
+            ``tie_word_embeddings``).
 
     With tied embeddings ``lm_head.weight`` is left out (it is ``embed_tokens.weight`` in both
     models, and Hugging Face does not store it).
@@ -55,8 +75,8 @@ def hf_key_map(config: LlamaConfig) -> dict[str, str]:
     return out
 
 
-def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A ``config.json`` dict for ``transformers.LlamaConfig``.
+def config_to_hf(config: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A ``config.json`` dict for ``transformers.LlamaConfig`` from a ``LlamaConfig``.
 
     RoPE is written both ways: ``rope_parameters`` (transformers ≥ 5) and the older
     ``rope_theta`` + ``rope_scaling``.
@@ -90,12 +110,15 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dic
     }
 
 
-def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
-    """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict (old or new RoPE keys).
+def config_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ``LlamaConfig`` keyword arguments of a Hugging Face ``config.json`` dict.
+
+    Old and new RoPE keys are both read (``rope_parameters``, or ``rope_theta`` +
+    ``rope_scaling`` with ``rope_type`` or the older ``type``).
 
     Raises:
         ValueError: not a Llama config, a missing required key, or a feature we do not
-            implement (biases, another activation, another RoPE scaling).
+            implement (biases, another activation, another RoPE scaling), named.
     """
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"config.json: expected model_type 'llama', got {hf['model_type']!r}")
@@ -116,7 +139,7 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
     if kind != "default":
         scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
         scaling["rope_type"] = kind
-    return LlamaConfig(
+    return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads"),
@@ -126,38 +149,11 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
-def save_pretrained(model: Llama, path: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (Hugging Face names) into ``path``.
-
-    Returns:
-        The folder.
-    """
-    from safetensors.torch import save_file
-
-    if not isinstance(model, Llama):
-        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    tensors = {hf: state[ours].detach().contiguous().clone()
-               for ours, hf in hf_key_map(model.config).items()}
-    dtype = model.embed_tokens.weight.dtype
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, dtype), indent=2)
-                                      + "\n")
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
-    """Build a :class:`Llama` from a Hugging Face folder.
-
-    Args:
-        path: Folder with ``config.json`` and ``*.safetensors`` (one file or shards).
-        dtype: Parameter dtype of the returned model.
+def read_folder(path: str | Path) -> HFFolder:
+    """Read ``config.json`` and every ``*.safetensors`` file of a Hugging Face folder.
 
     Raises:
         FileNotFoundError: no folder, no ``config.json`` or no ``*.safetensors``.
-        ValueError: missing or unexpected tensors, or a tensor of the wrong shape.
     """
     from safetensors.torch import load_file
 
@@ -168,27 +164,57 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> Lla
     if not files:
         raise FileNotFoundError(f"{path} holds no *.safetensors file (pickled .bin checkpoints "
                                 "are not loaded)")
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Tensor] = {}
     for f in files:
         tensors.update(load_file(str(f)))
-    key_map = hf_key_map(config)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # a redundant copy some exporters keep
+    return HFFolder(json.loads((path / "config.json").read_text()), tensors)
+
+
+def state_from_hf(tensors: dict[str, Tensor], key_map: dict[str, str],
+                  expected: dict[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+    """Our state dict from Hugging Face tensors, checked name by name and shape by shape.
+
+    Args:
+        tensors: Hugging Face name → tensor (as read by :func:`read_folder`).
+        key_map: :func:`hf_key_map` of the model's config.
+        expected: The model's own ``state_dict()`` (shapes; ``lm_head.weight`` is filled
+            from the embedding when it is not in ``key_map``, i.e. tied).
+        source: Named in error messages.
+
+    Raises:
+        ValueError: missing or unexpected tensors, or a tensor of the wrong shape.
+    """
+    tensors = dict(tensors)
+    if "lm_head.weight" not in key_map:
+        tensors.pop("lm_head.weight", None)  # tied: a redundant copy some exporters keep
     missing = sorted(set(key_map.values()) - set(tensors))
     unexpected = sorted(set(tensors) - set(key_map.values()))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config: missing tensors "
+        raise ValueError(f"{source} does not match its config: missing tensors "
                          f"{missing[:6]}{'…' if len(missing) > 6 else ''}, unexpected "
                          f"{unexpected[:6]}{'…' if len(unexpected) > 6 else ''}")
-    model = Llama(config).to(dtype)
-    own = model.state_dict()
+    state = {}
     for ours, hf in key_map.items():
-        if tuple(tensors[hf].shape) != tuple(own[ours].shape):
-            raise ValueError(f"tensor {hf}: expected shape {tuple(own[ours].shape)}, got "
+        if tuple(tensors[hf].shape) != tuple(expected[ours].shape):
+            raise ValueError(f"tensor {hf}: expected shape {tuple(expected[ours].shape)}, got "
                              f"{tuple(tensors[hf].shape)}")
-    state = {ours: tensors[hf].to(dtype) for ours, hf in key_map.items()}
-    if config.tie_word_embeddings:
+        state[ours] = tensors[hf].to(expected[ours].dtype)
+    if "lm_head.weight" in expected and "lm_head.weight" not in key_map:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
-    return model
+    return state
+
+
+def write_folder(path: str | Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (tensors by Hugging Face name).
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: t.detach().contiguous().clone() for k, t in tensors.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

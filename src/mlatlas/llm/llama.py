@@ -8,7 +8,8 @@ and Efficient Foundation Language Models", arXiv:2302.13971; Ainslie et al. 2023
 arXiv:2305.13245; Grattafiori et al. 2024, "The Llama 3 Herd of Models", arXiv:2407.21783.
 
 Parameter names mirror Hugging Face's ``LlamaForCausalLM`` without its ``model.`` prefix; the
-exact map is :func:`mlatlas.llm.hf_format.hf_key_map`.
+exact map is :func:`mlatlas.llm.hf_format.hf_key_map`. Attention goes through
+:func:`mlatlas.nn.attention.attend` (backend ``LlamaConfig.attn_backend``).
 
 =============  ============================================================
 ``B, T``       batch, query length;  ``S = P + T`` keys with ``P`` cached
@@ -26,7 +27,6 @@ A layer computes (eqs. of the LLaMA paper's §2.2 in pre-norm form)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,14 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlatlas.llm.generation import KVCache
-from mlatlas.llm.packing import check_cu_seqlens, packed_position_ids
+from mlatlas.attention.reference import QKVShape, check_cu_seqlens
+from mlatlas.llm import hf_format
+from mlatlas.llm.generation import KVCache, generate
+from mlatlas.nn.attention import BACKENDS, attend
 from mlatlas.nn.feedforward import GatedFeedForward
 from mlatlas.nn.norms import RMSNorm
-from mlatlas.nn.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from mlatlas.nn.rope import apply_rope, packed_position_ids, rope_cos_sin, rope_inv_freq
 
-__all__ = ["KVCache", "Llama", "LlamaAttention", "LlamaConfig", "LlamaDecoderLayer",
-           "next_token_loss"]
+__all__ = ["AttentionMask", "KVCache", "Llama", "LlamaAttention", "LlamaConfig",
+           "LlamaDecoderLayer", "next_token_loss"]
 
 
 def _pos_int(value: Any, name: str) -> int:
@@ -71,6 +73,8 @@ class LlamaConfig:
         rms_norm_eps: RMSNorm ``ε``.
         max_position_embeddings: Longest sequence (positions) the model accepts.
         tie_word_embeddings: Share the input embedding with the output head.
+        attn_backend: The :func:`~mlatlas.nn.attention.attend` backend of every layer, one
+            of :data:`mlatlas.nn.attention.BACKENDS` (not written to ``config.json``).
     """
 
     vocab_size: int = 32000
@@ -85,6 +89,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    attn_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -105,6 +110,9 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"LlamaConfig.attn_backend must be one of {BACKENDS}, got "
+                             f"{self.attn_backend!r}")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
         rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates both
@@ -112,6 +120,25 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """How every layer of one forward call masks its attention (built once, at the edge).
+
+    Attributes:
+        causal: Bottom-right aligned causal mask: query ``i`` (position ``P + i``) sees keys
+            ``j ≤ P + i``.
+        key_padding_mask: Bool ``[B, P + T]``, True = real token (``attention_mask``).
+        attn_mask: Bool ``[B|1, 1, T, P + T]``, True = may attend; replaces ``causal``.
+        cu_seqlens: Boundaries of the packed documents in the flattened ``B·T`` stream
+            (the layers then see one row, ``[1, B·T, d]``).
+    """
+
+    causal: bool = True
+    key_padding_mask: Tensor | None = None
+    attn_mask: Tensor | None = None
+    cu_seqlens: Tensor | None = None
 
 
 class LlamaAttention(nn.Module):
@@ -127,24 +154,22 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
+        self.backend = config.attn_backend
         d, D = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(d, self.num_heads * D, bias=False)
         self.k_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(self.num_heads * D, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
-                cu_seqlens: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                cache: KVCache | None = None) -> Tensor:
         """``x [B, T, d]`` → ``[B, T, d]``.
 
         Args:
             x: Normalised hidden states.
             cos: RoPE table ``[B|1, T, D]``.
             sin: RoPE table ``[B|1, T, D]``.
-            attn_mask: Boolean ``[B|1, 1, T, S]``, True where a query may attend; ``None``
-                means plain causal attention (``S == T``, or ``T == 1``).
-            cu_seqlens: Packed batch: segment boundaries of the flattened ``B·T`` stream
-                (validated by the caller); attention is causal inside each segment only.
+            mask: The call's :class:`AttentionMask`.
             cache: Appended to and attended over when given.
         """
         B, T, _ = x.shape
@@ -154,43 +179,10 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoFormer eq. (34)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # GQA: key/value head j serves query heads j·g … j·g + g - 1
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        if cu_seqlens is not None:
-            return self.o_proj(_varlen_causal_attention(q, k, v, cu_seqlens, scale)
-                               .transpose(1, 2).reshape(B, T, -1))
-        S = k.shape[2]
-        if attn_mask is None and T > 1 and S != T:
-            raise ValueError(f"attn_mask is required when attending {T} queries over {S} "
-                             "keys (a chunk after cached positions)")
-        # softmax(q kᵀ / √D + mask) v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             is_causal=attn_mask is None and T > 1,
-                                             scale=scale)
+        # softmax(q kᵀ / √D + mask) v, GQA: key/value head j serves query heads j·g … j·g + g - 1
+        out = attend(q, k, v, causal=mask.causal, key_padding_mask=mask.key_padding_mask,
+                     attn_mask=mask.attn_mask, cu_seqlens=mask.cu_seqlens, backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def _varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
-                              scale: float) -> Tensor:
-    """Causal attention inside each segment of the flattened ``B·T`` stream (varlen).
-
-    ``q, k, v [B, H, T, D]`` → ``[B, H, T, D]``. Each segment costs ``O(n_s²)``, not ``O(T²)``:
-    no score is computed across documents or on padding of other segments.
-    """
-    B, H, T, D = q.shape
-
-    def flat(x: Tensor) -> Tensor:  # [B, H, T, D] → [H, B·T, D]
-        return x.transpose(0, 1).reshape(H, B * T, D)
-
-    qf, kf, vf = flat(q), flat(k), flat(v)
-    bounds = cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(qf[:, a:b], kf[:, a:b], vf[:, a:b], is_causal=True,
-                                           scale=scale)
-            for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, dim=1).view(H, B, T, D).transpose(0, 1)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -208,13 +200,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedFeedForward(config.hidden_size, config.intermediate_size,
                                     kind="swiglu", bias=False)
 
-    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None = None, cu_seqlens: Tensor | None = None,
+    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> Tensor:
         """``hidden [B, T, d]`` → ``[B, T, d]``; see :meth:`LlamaAttention.forward`."""
         # h = x + Attn(RMSNorm(x))
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, attn_mask,
-                                         cu_seqlens, cache)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, cache)
         # x' = h + W₂(SiLU(W_g RMSNorm(h)) ⊙ W_u RMSNorm(h))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -231,13 +221,12 @@ class Llama(nn.Module):
             when ``config.tie_word_embeddings``.
         layer_runner: ``None`` or a plain callable ``runner(layers, hidden, **layer_kwargs)
             → hidden`` that replaces the loop over ``layers`` when no KV cache is used (the
-            hook of :func:`mlatlas.llm.gradient_checkpointing.enable_checkpointing`; not a module, so
-            the state dict never changes). ``layer_kwargs`` is exactly
-            ``{"cos": Tensor [B|1, T, D], "sin": Tensor [B|1, T, D], "attn_mask": bool Tensor
-            [B|1, 1, T, T] or None, "cu_seqlens": int Tensor [n_seg + 1] or None}`` (no
-            cache), and every layer is callable as ``layer(hidden, **layer_kwargs) → hidden``.
-            ``attn_mask`` is set for padded rows (``attention_mask``), ``cu_seqlens`` for a
-            packed batch; both ``None`` means plain causal attention.
+            hook of :func:`mlatlas.llm.gradient_checkpointing.enable_checkpointing`; not a
+            module, so the state dict never changes). ``layer_kwargs`` is exactly
+            ``{"cos": Tensor [B|1, T, D], "sin": Tensor [B|1, T, D], "mask": AttentionMask}``
+            (no cache), and every layer is callable as ``layer(hidden, **layer_kwargs) →
+            hidden``. A packed batch (``cu_seqlens``) reaches the layers as one row
+            ``[1, B·T, d]``.
 
     Shapes:
         ``input_ids [B, T]`` (int64) → logits ``[B, T, V]``.
@@ -274,7 +263,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
                 cache: KVCache | None = None, *, attention_mask: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor:
+                attn_mask: Tensor | None = None, cu_seqlens: Tensor | None = None) -> Tensor:
         """Next-token logits.
 
         Args:
@@ -285,25 +274,57 @@ class Llama(nn.Module):
             attention_mask: ``[B, P + T]`` with 1 for real tokens and 0 for padding (as in
                 Hugging Face), combined with the causal mask. Pass explicit ``position_ids``
                 for left-padded rows.
+            attn_mask: Bool ``[B|1, 1, T, P + T]``, True where query ``i`` may attend key
+                ``j``; replaces the causal mask for this call (tree attention, speculative
+                verification over a cache). Combined with ``attention_mask`` when both given.
             cu_seqlens: Packed batch (:class:`mlatlas.llm.packing.PackedBatch`): int
-                ``[n_docs + 1]`` document boundaries in the flattened ``B·T`` token stream; no
-                token attends across a boundary. Not combinable with ``cache`` or
-                ``attention_mask``.
+                ``[n_docs + 1]`` document boundaries in the flattened ``B·T`` token stream
+                (the contract of :func:`mlatlas.attention.reference.check_cu_seqlens`); no
+                token attends across a boundary. Not combinable with ``cache``,
+                ``attention_mask`` or ``attn_mask``.
 
         Returns:
             Logits ``[B, T, V]`` in the parameters' dtype.
         """
         return self.lm_head(self.hidden_states(input_ids, position_ids, cache,
                                                attention_mask=attention_mask,
-                                               cu_seqlens=cu_seqlens))
+                                               attn_mask=attn_mask, cu_seqlens=cu_seqlens))
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
                       cache: KVCache | None = None, *, attention_mask: Tensor | None = None,
+                      attn_mask: Tensor | None = None,
                       cu_seqlens: Tensor | None = None) -> Tensor:
         """Final normalised hidden states ``[B, T, d]`` (the input of ``lm_head``).
 
         Arguments as :meth:`forward`.
         """
+        mask = self._check_inputs(input_ids, position_ids, cache, attention_mask, attn_mask,
+                                  cu_seqlens)
+        B, T = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        if position_ids is None:
+            position_ids = (packed_position_ids(cu_seqlens).view(B, T) if cu_seqlens is not None
+                            else torch.arange(past, past + T, device=input_ids.device)[None])
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        if cu_seqlens is not None:  # packed rows: one stream of B·T tokens
+            x, cos, sin = (t.reshape(1, B * T, t.shape[-1]) for t in
+                           (x, cos.expand(B, T, -1), sin.expand(B, T, -1)))
+        layer_kwargs = {"cos": cos, "sin": sin, "mask": mask}
+        if cache is not None:
+            for layer in self.layers:
+                x = layer(x, cache=cache, **layer_kwargs)
+        elif self.layer_runner is not None:
+            x = self.layer_runner(self.layers, x, **layer_kwargs)
+        else:
+            for layer in self.layers:
+                x = layer(x, **layer_kwargs)
+        return self.norm(x).view(B, T, -1)
+
+    def _check_inputs(self, input_ids: Tensor, position_ids: Tensor | None,
+                      cache: KVCache | None, attention_mask: Tensor | None,
+                      attn_mask: Tensor | None, cu_seqlens: Tensor | None) -> AttentionMask:
+        """Validate one call's inputs (named errors) and describe its attention mask."""
         if not isinstance(input_ids, Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
@@ -312,84 +333,79 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         if T == 0 or B == 0:
             raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
-                             f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
-        past = cache.seq_len if cache is not None else 0
-        if past + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings "
+                             f"got values in [{lo}, {hi}]")
+        S = T + (cache.seq_len if cache is not None else 0)
+        if S > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {S} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        attn_mask = None
-        if cu_seqlens is not None:
-            if cache is not None or attention_mask is not None:
-                raise ValueError("cu_seqlens (packed batch) cannot be combined with cache or "
-                                 "attention_mask")
-            cu_seqlens = check_cu_seqlens(cu_seqlens, B, T)
-            if position_ids is None:
-                position_ids = packed_position_ids(cu_seqlens, B, T)
-        elif attention_mask is not None or (past > 0 and T > 1):
-            attn_mask = self._padded_causal_mask(attention_mask, B, T, past, input_ids.device)
-        if position_ids is None:
-            position_ids = (torch.arange(past, past + T, device=input_ids.device))[None]
-        if (position_ids.is_floating_point() or position_ids.dim() != 2
-                or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B)):
+        if position_ids is not None and (
+                not isinstance(position_ids, Tensor) or position_ids.is_floating_point()
+                or position_ids.dim() != 2 or position_ids.shape[1] != T
+                or position_ids.shape[0] not in (1, B)):
             raise ValueError(f"position_ids must be an integer tensor [{B} or 1, {T}], got "
-                             f"{position_ids.dtype} {tuple(position_ids.shape)}")
-        hidden = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, hidden.dtype)
-        layer_kwargs = {"cos": cos, "sin": sin, "attn_mask": attn_mask,
-                        "cu_seqlens": cu_seqlens}
-        if cache is not None:
-            for layer in self.layers:
-                hidden = layer(hidden, cache=cache, **layer_kwargs)
-        elif self.layer_runner is not None:
-            hidden = self.layer_runner(self.layers, hidden, **layer_kwargs)
-        else:
-            for layer in self.layers:
-                hidden = layer(hidden, **layer_kwargs)
-        return self.norm(hidden)
-
-    @staticmethod
-    def _padded_causal_mask(attention_mask: Tensor | None, B: int, T: int, past: int,
-                            device: torch.device) -> Tensor:
-        S = past + T
-        q = torch.arange(past, S, device=device)[:, None]
-        allowed = (torch.arange(S, device=device)[None, :] <= q)[None, None]  # j ≤ P + i
+                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)} "
+                             f"{tuple(getattr(position_ids, 'shape', ()))}")
+        if cu_seqlens is not None:
+            if cache is not None or attention_mask is not None or attn_mask is not None:
+                raise ValueError("cu_seqlens (packed batch) cannot be combined with cache, "
+                                 "attention_mask or attn_mask")
+            check_cu_seqlens(cu_seqlens, None, QKVShape(1, 1, 1, B * T, B * T, 1))
+            return AttentionMask(causal=True, cu_seqlens=cu_seqlens)
+        padding = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, S):
+            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, S):
                 raise ValueError(f"attention_mask must be [B={B}, P+T={S}], got "
-                                 f"{tuple(attention_mask.shape)}")
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
-            # a padding query would see no key at all (softmax of nothing = NaN): let every
-            # query see itself; real tokens never attend to padding either way
-            allowed = allowed | (torch.arange(S, device=device)[None, :] == q)[None, None]
-        return allowed
+                                 f"{tuple(getattr(attention_mask, 'shape', ()))}")
+            padding = attention_mask.bool()
+        if attn_mask is not None:
+            if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
+                raise TypeError(f"attn_mask must be a bool tensor (True = may attend), got "
+                                f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+            if (attn_mask.dim() != 4 or attn_mask.shape[0] not in (1, B)
+                    or tuple(attn_mask.shape[1:]) != (1, T, S)):
+                raise ValueError(f"attn_mask must be [B={B} or 1, 1, T={T}, P+T={S}], got "
+                                 f"{tuple(attn_mask.shape)}")
+            return AttentionMask(causal=False, key_padding_mask=padding, attn_mask=attn_mask)
+        return AttentionMask(causal=True, key_padding_mask=padding)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
         """Autoregressive decoding; see :func:`mlatlas.llm.generation.generate`."""
-        from mlatlas.llm.generation import generate
-
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
         """Load a Hugging Face ``LlamaForCausalLM`` folder (config.json + *.safetensors).
 
-        See :func:`mlatlas.llm.hf_format.load_pretrained`.
-        """
-        from mlatlas.llm.hf_format import load_pretrained
+        Args:
+            path: The folder (one ``*.safetensors`` file or shards).
+            dtype: Parameter dtype of the returned model.
 
-        return load_pretrained(path, dtype=dtype)
+        Raises:
+            FileNotFoundError: no folder, ``config.json`` or ``*.safetensors``.
+            ValueError: a config option we cannot represent (named), missing or unexpected
+                tensors, or a tensor of the wrong shape.
+        """
+        folder = hf_format.read_folder(path)
+        model = cls(LlamaConfig(**hf_format.config_fields_from_hf(folder.config)))
+        state = hf_format.state_from_hf(folder.tensors, hf_format.hf_key_map(model.config),
+                                        model.state_dict(), source=str(path))
+        model.load_state_dict(state, strict=True)
+        return model.to(dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write a folder ``transformers.LlamaForCausalLM.from_pretrained`` loads.
 
-        See :func:`mlatlas.llm.hf_format.save_pretrained`.
+        Returns:
+            The folder (``config.json`` + ``model.safetensors``, Hugging Face names).
         """
-        from mlatlas.llm.hf_format import save_pretrained
-
-        return save_pretrained(self, path)
+        state = self.state_dict()
+        tensors = {hf: state[ours] for ours, hf in hf_format.hf_key_map(self.config).items()}
+        dtype = self.embed_tokens.weight.dtype
+        return hf_format.write_folder(path, hf_format.config_to_hf(self.config, dtype), tensors)
 
 
 def next_token_loss(logits: Tensor, input_ids: Tensor, ignore_index: int = -100) -> Tensor:

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlatlas.attention.reference import QKVShape, check_cu_seqlens
+
 __all__ = [
     "IGNORE_INDEX",
     "PackedBatch",
-    "check_cu_seqlens",
     "PaddedBatch",
     "first_fit_decreasing",
     "pack",
     "packed_causal_mask",
-    "packed_position_ids",
     "pad",
     "token_losses",
 ]
@@ -195,58 +195,23 @@ def pack(sequences: Sequence[Sequence[int] | Tensor], max_tokens: int,
     return PackedBatch(input_ids, position_ids, cu_seqlens, labels, placement)
 
 
-def check_cu_seqlens(cu_seqlens: Tensor, rows: int, row_len: int) -> Tensor:
-    """Validate packed-batch boundaries for ``rows × row_len`` tokens; return them as int64.
-
-    Raises:
-        ValueError: not a 1-D integer tensor, not strictly increasing from 0 to
-            ``rows·row_len``, or a segment that crosses a row boundary.
-    """
-    if (not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1
-            or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2):
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [n_seg + 1], got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
-                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
-    cu = cu_seqlens.long()
-    if int(cu[0]) != 0 or int(cu[-1]) != rows * row_len or bool((cu[1:] <= cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must increase strictly from 0 to B·T = {rows * row_len}, "
-                         f"got {cu.tolist()[:8]}…{int(cu[-1])}")
-    row_ends = torch.arange(1, rows, device=cu.device) * row_len
-    if not bool(torch.isin(row_ends, cu).all()):
-        raise ValueError(f"cu_seqlens must hold every row boundary (multiples of T={row_len}): "
-                         "a document may not cross rows")
-    return cu
-
-
-def _segments(cu: Tensor, rows: int, row_len: int) -> Tensor:
-    flat = torch.arange(rows * row_len, device=cu.device)
-    # seg(t) = s such that c_s ≤ t < c_{s+1}
-    return torch.searchsorted(cu[1:], flat, right=True)
-
-
-def packed_causal_mask(cu_seqlens: Tensor, rows: int, row_len: int) -> Tensor:
-    """Block-diagonal causal mask of a packed batch.
+def packed_causal_mask(cu_seqlens: Tensor) -> Tensor:
+    """Dense block-diagonal causal mask of a packed token stream (the reference of varlen).
 
     Args:
-        cu_seqlens: Segment boundaries over the flattened ``rows·row_len`` stream.
-        rows: ``R``.
-        row_len: ``L``.
+        cu_seqlens: Int ``[n_seg + 1]`` boundaries in the flattened ``N = R·L`` stream (the
+            contract of :func:`mlatlas.attention.reference.check_cu_seqlens`).
 
     Returns:
-        bool ``[R, 1, L, L]``: ``M[r, 0, i, j] = seg(i) = seg(j) ∧ j ≤ i`` (True = attend).
+        bool ``[1, 1, N, N]``: ``M[i, j] = seg(i) = seg(j) ∧ j ≤ i`` (True = attend).
     """
-    cu = check_cu_seqlens(cu_seqlens, rows, row_len)
-    seg = _segments(cu, rows, row_len).view(rows, row_len)
-    causal = torch.ones(row_len, row_len, dtype=torch.bool, device=cu.device).tril()
+    n = int(cu_seqlens[-1]) if isinstance(cu_seqlens, Tensor) and cu_seqlens.numel() else 0
+    check_cu_seqlens(cu_seqlens, None, QKVShape(1, 1, 1, n, n, 1))
+    cu = cu_seqlens.long()
+    flat = torch.arange(n, device=cu.device)
+    seg = torch.searchsorted(cu[1:], flat, right=True)  # seg(t) = s with c_s ≤ t < c_{s+1}
     # M[i, j] = [seg(i) = seg(j)] ∧ [j ≤ i]
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
-
-
-def packed_position_ids(cu_seqlens: Tensor, rows: int, row_len: int) -> Tensor:
-    """Position ids ``pos(t) = t - c_{seg(t)}`` of a packed batch, int64 ``[R, L]``."""
-    cu = check_cu_seqlens(cu_seqlens, rows, row_len)
-    seg = _segments(cu, rows, row_len)
-    return (torch.arange(rows * row_len, device=cu.device) - cu[seg]).view(rows, row_len)
+    return ((seg[:, None] == seg[None, :]) & (flat[None, :] <= flat[:, None]))[None, None]
 
 
 @dataclass

@@ -32,6 +32,10 @@ Conventions (shapes as in :mod:`mlatlas.attention.reference`, which also validat
 ``cu_seqlens``            int ``[S + 1]``: ``S`` sequences packed along ``seq`` (``B == 1``),
                           starting at 0, non-decreasing, ending at ``Nq``; no query attends
                           across a boundary (``cu_seqlens_k`` for keys, default the same)
+``window``                ``W``: query ``i`` (at position ``p_i = Nk − Nq + i``, per packed
+                          sequence) sees only keys ``j > p_i − W``; with ``causal`` this is
+                          the sliding-window attention of Longformer/Mistral (Beltagy et al.
+                          2020, arXiv:2004.05150; Jiang et al. 2023, arXiv:2310.06825)
 fully masked query row    output 0 (every backend)
 ========================  ==================================================================
 """
@@ -57,7 +61,8 @@ BACKENDS: tuple[str, ...] = ("sdpa", "math", "flash", "flash_triton")
 def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
            key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
            cu_seqlens: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
-           scale: float | None = None, backend: str = "sdpa") -> Tensor:
+           scale: float | None = None, window: int | None = None,
+           backend: str = "sdpa") -> Tensor:
     """Scaled dot-product attention through the chosen backend.
 
     Args:
@@ -71,6 +76,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         cu_seqlens: Int ``[S + 1]`` packed-sequence boundaries of the queries (``B == 1``).
         cu_seqlens_k: Key boundaries when they differ from ``cu_seqlens``.
         scale: Score scale; ``1 / sqrt(D)`` when ``None``.
+        window: Look-back window ``W >= 1`` (see the module notes; ``"sdpa"`` and ``"math"``
+            only); ``None`` = unlimited.
         backend: One of :data:`BACKENDS`.
 
     Returns:
@@ -90,12 +97,19 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         if cu_q is not None:
             raise ValueError("attn_mask cannot be combined with cu_seqlens (packed sequences "
                              "are already masked block-diagonally)")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if causal and cu_q is None and shp.seq_q == 1:
+        causal = False  # one query after Nk - 1 keys (decoding) sees them all
     if causal and any(qe - qs > ke - ks for qs, qe, ks, ke in segs):
         raise ValueError(f"causal attention needs no more queries than keys (bottom-right "
                          f"aligned), got Nq={shp.seq_q}, Nk={shp.seq_k}")
     if backend in ("flash", "flash_triton"):
         if attn_mask is not None:
             raise ValueError(f"backend {backend!r} takes no attn_mask; use 'sdpa' or 'math'")
+        if window is not None:
+            raise ValueError(f"backend {backend!r} takes no window; use 'sdpa' or 'math'")
         if causal and any(qe - qs != ke - ks for qs, qe, ks, ke in segs):
             raise ValueError(f"backend {backend!r} computes causal attention for Nq == Nk only "
                              f"(got Nq={shp.seq_q}, Nk={shp.seq_k}); use 'sdpa' or 'math'")
@@ -109,10 +123,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     gqa = shp.group > 1
     with forced:
         if cu_q is None:
-            return _sdpa(q, k, v, causal, key_padding_mask, attn_mask, scale, gqa)
+            return _sdpa(q, k, v, causal, key_padding_mask, attn_mask, scale, gqa, window)
         # packed sequences: one independent problem per segment (no score across documents)
         return torch.cat([_sdpa(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], causal, None,
-                                None, scale, gqa) for qs, qe, ks, ke in segs], dim=2)
+                                None, scale, gqa, window) for qs, qe, ks, ke in segs], dim=2)
 
 
 def _segments(shp: QKVShape, cu_q: Tensor | None,
@@ -147,16 +161,25 @@ def _combine(mask: Tensor | None, allowed: Tensor) -> Tensor:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None,
-          attn_mask: Tensor | None, scale: float | None, gqa: bool) -> Tensor:
+          attn_mask: Tensor | None, scale: float | None, gqa: bool,
+          window: int | None = None) -> Tensor:
     nq, nk = q.shape[2], k.shape[2]
+    if nq == 0:  # an empty packed segment
+        return q.new_zeros(q.shape[:3] + v.shape[3:])
     mask = attn_mask
     if key_padding_mask is not None:
         mask = _combine(mask, key_padding_mask[:, None, None, :])
-    is_causal = causal and mask is None and nq == nk  # SDPA's own top-left causal kernel
-    if causal and not is_causal:
-        # query i sits at position Nk − Nq + i: it sees keys j ≤ i + (Nk − Nq)
+    causal = causal and nq > 1  # one query after Nk - 1 keys sees them all (packed too)
+    windowed = window is not None and window < nk
+    if windowed or (causal and (mask is not None or nq != nk)):
+        # query i sits at position p_i = Nk − Nq + i
         rows = torch.arange(nq, device=q.device)[:, None] + (nk - nq)
-        mask = _combine(mask, torch.arange(nk, device=q.device)[None, :] <= rows)
+        cols = torch.arange(nk, device=q.device)[None, :]
+        if windowed:  # sliding window: keys j > p_i − W only
+            mask = _combine(mask, cols > rows - window)
+        if causal:
+            mask = _combine(mask, cols <= rows)  # keys j ≤ p_i
+            causal = False
     # O = softmax(Q Kᵀ · scale + M) V
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           scale=scale, enable_gqa=gqa)

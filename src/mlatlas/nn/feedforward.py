@@ -7,7 +7,9 @@ unit: ``W₂ (f(W_g x) ⊗ W_u x)``; with ``f = SiLU`` this is the SwiGLU FFN of
 at equal parameter count its hidden size is ⅔ of the plain one (LLaMA: ``⅔ · 4d``).
 
 Parameter names follow Hugging Face's ``LlamaMLP`` (``gate_proj``, ``up_proj``, ``down_proj``)
-so checkpoints map one to one.
+so checkpoints map one to one. The gated block is on every model's hot path, so its gate uses
+torch's fused kernels (``F.silu`` …); the plain block takes any activation of
+:mod:`mlatlas.nn.activations` (the hand-written, taught versions) by name.
 
 =============  ===================================================
 ``d``          model width (``dim``)
@@ -20,14 +22,17 @@ so checkpoints map one to one.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlatlas.nn.activations import gelu, get_activation, relu, sigmoid, silu
+from mlatlas.nn.activations import get_activation
 
 __all__ = ["GLU_KINDS", "FeedForward", "GatedFeedForward"]
 
-#: GLU variant → the activation applied to the gate projection.
-GLU_KINDS = {"glu": sigmoid, "reglu": relu, "geglu": gelu, "swiglu": silu}
+#: GLU variant → the activation applied to the gate projection (torch's fused kernels: the
+#: hand-written :mod:`mlatlas.nn.activations` equal them, see tests/llm/test_activations.py).
+GLU_KINDS = {"glu": torch.sigmoid, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}
 
 
 def _check_size(value: object, name: str) -> int:

@@ -38,8 +38,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
         raise ValueError(f"x must have last dim {weight.shape[-1]}, got shape {tuple(x.shape)}")
     dtype = x.dtype
     xf = x.to(torch.float32)
-    # eq. (4): RMS(x) = sqrt(1/d Σ x_i²);  x̄ = x / RMS(x);  y = g ⊙ x̄
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # eq. (4): RMS(x) = sqrt(1/d Σ x_i²) = ‖x‖₂ / √d;  x̄ = x / RMS(x);  y = g ⊙ x̄
+    # (‖x‖₂ is one fused reduction; x.pow(2).mean() would write and re-read an x-sized tensor)
+    mean_sq = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
+    xf = xf * torch.rsqrt(mean_sq + eps)
     return weight * xf.to(dtype)
 
 

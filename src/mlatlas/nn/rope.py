@@ -16,6 +16,7 @@ We use the "rotate-half" channel pairing of Hugging Face/Meta's released weights
 ``m``            position id
 ``cos, sin``     ``cos(m θ)``, ``sin(m θ)`` repeated twice along the last dim ``[..., D]``
 ``L_orig``       ``original_max_position_embeddings`` (llama3 scaling)
+``c_s``          packed sequences: boundaries ``cu_seqlens`` of a flattened token stream
 ===============  ===============================================================
 """
 
@@ -28,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LLAMA3_KEYS", "apply_rope", "rope_cos_sin", "rope_inv_freq", "rotate_half"]
+__all__ = ["LLAMA3_KEYS", "apply_rope", "packed_position_ids", "rope_cos_sin", "rope_inv_freq",
+           "rotate_half"]
 
 #: Keys a ``rope_scaling`` dict of type ``"llama3"`` must hold.
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
@@ -104,6 +106,23 @@ def rope_cos_sin(position_ids: Tensor, inv_freq: Tensor,
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def packed_position_ids(cu_seqlens: Tensor) -> Tensor:
+    """Position ids that restart at 0 in every packed sequence: ``pos(t) = t - c_{seg(t)}``.
+
+    Args:
+        cu_seqlens: Int ``[S + 1]`` boundaries of ``S`` sequences packed into one stream of
+            ``N = cu_seqlens[-1]`` tokens (the contract of
+            :func:`mlatlas.attention.reference.check_cu_seqlens`; validated there).
+
+    Returns:
+        int64 ``[N]``.
+    """
+    cu = cu_seqlens.long()
+    t = torch.arange(int(cu[-1]), device=cu.device)
+    seg = torch.searchsorted(cu[1:], t, right=True)  # seg(t) = s with c_s ≤ t < c_{s+1}
+    return t - cu[seg]
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """``[x1, x2] → [-x2, x1]`` along the last dim (the 90° rotation of each channel pair)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -124,6 +143,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if cos.shape[-1] != x.shape[-1] or cos.shape[-2] != x.shape[-2]:
         raise ValueError(f"cos/sin must be [B, T={x.shape[-2]}, D={x.shape[-1]}], got "
                          f"{tuple(cos.shape)}")
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    h = x.shape[-1] // 2
+    # rotate_half(x) ⊙ sin = roll(x, D/2) ⊙ [-sin_{:D/2}, sin_{D/2:}]: one copy of x instead of
+    # a negation and a concatenation, and one fused multiply-add (the hot path of every layer)
+    sin_signed = torch.cat((-sin[..., :h], sin[..., h:]), dim=-1).unsqueeze(1)
     # eq. (34): R_m x = x ⊙ cos(mθ) + rotate_half(x) ⊙ sin(mθ)
-    return x * cos + rotate_half(x) * sin
+    return torch.addcmul(x * cos.unsqueeze(1), x.roll(h, dims=-1), sin_signed)

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from mlatlas.datasets.corpus import Corpus, load_corpus, sample_windows, unigram_entropy
+from mlatlas.llm.hf_format import hf_key_map
 from mlatlas.llm.llama import Llama, LlamaConfig
+from mlatlas.measure import compare_times
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 from mlatlas.runtime import progress
@@ -49,6 +51,16 @@ class Config:
     lr: float = 3e-3  # peak AdamW learning rate
     warmup: int = 16  # linear warm-up steps, then cosine decay to lr/10
     weight_decay: float = 0.1  # AdamW decoupled weight decay
+    bench_hidden: int = 256  # bench(): model width (the size issue 10 measured)
+    bench_intermediate: int = 688  # bench(): SwiGLU width (≈ 8/3 · hidden)
+    bench_layers: int = 4  # bench(): decoder layers
+    bench_heads: int = 4  # bench(): query heads (head_dim 64)
+    bench_kv_heads: int = 2  # bench(): key/value heads (GQA)
+    bench_batch: int = 4  # bench(): rows of the forward / forward+backward input
+    bench_seq: int = 256  # bench(): tokens per row
+    bench_prompt: int = 32  # bench(): prompt tokens per row for greedy decoding
+    bench_new_tokens: int = 32  # bench(): tokens generated with the KV cache
+    bench_repeats: int = 7  # bench(): interleaved timing rounds (median reported)
     eval_every: int = 40  # steps between validation evaluations
     eval_windows: int = 64  # validation windows per intermediate evaluation (all at the end)
     gen_tokens: int = 32  # tokens generated for the cached-vs-uncached check
@@ -224,3 +236,99 @@ def _cached_logits(model: Llama, ids: torch.Tensor) -> torch.Tensor:
     cache = model.new_cache()
     return torch.cat([model(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1])], 1)
 
+
+#: Issue 10's goal: our model at the reference's speed on the same weights.
+BENCH_TARGET = 1.0
+_BENCH_CASES = ("forward", "forward+backward", "greedy generate with KV cache")
+
+
+def _bench_claim(case: str, cfg: Config) -> str:
+    what = f"{cfg.bench_new_tokens} new tokens" if case.startswith("greedy") else \
+        f"{cfg.bench_batch} x {cfg.bench_seq} tokens"
+    return f"ours / transformers LlamaForCausalLM time, {case} ({what})"
+
+
+def bench(cfg: Config, out: Path) -> Report:
+    """Forward, forward+backward and cached greedy decoding vs transformers, same weights.
+
+    Both models hold the same random weights (copied through :func:`hf_key_map`, which must
+    cover both state dicts); each case is timed interleaved by
+    :func:`mlatlas.measure.compare_times` (median of ``bench_repeats`` rounds). transformers
+    runs its SDPA attention, the forward without its cache (``use_cache=False``, as ours).
+    """
+    rep = Report()
+    try:
+        import transformers
+    except ImportError:
+        for case in _BENCH_CASES:
+            rep.not_measured(_bench_claim(case, cfg), BENCH_TARGET, "<=", "x",
+                             reason="transformers is not installed (pip install mlatlas[ref])")
+        return rep
+    from transformers.utils import logging as hf_logging
+
+    from mlatlas.llm.hf_format import config_to_hf
+
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.bench_hidden,
+                         intermediate_size=cfg.bench_intermediate, num_layers=cfg.bench_layers,
+                         num_heads=cfg.bench_heads, num_kv_heads=cfg.bench_kv_heads,
+                         max_position_embeddings=max(cfg.bench_seq,
+                                                     cfg.bench_prompt + cfg.bench_new_tokens))
+    ours = Llama(config).eval()
+    hf_config = transformers.LlamaConfig(**config_to_hf(config))
+    hf_config._attn_implementation = "sdpa"
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    key_map, state = hf_key_map(config), ours.state_dict()
+    missing, unexpected = hf.load_state_dict({hf_k: state[k] for k, hf_k in key_map.items()},
+                                             strict=False)
+    if missing or unexpected or set(key_map) != set(state):
+        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, cfg.vocab_size, (cfg.bench_batch, cfg.bench_seq), generator=gen)
+    prompt = ids[:, :cfg.bench_prompt]
+    n_new = cfg.bench_new_tokens
+    with torch.no_grad():
+        rep.metric("max |logits ours - transformers|",
+                   (ours(ids) - hf(ids, use_cache=False).logits).abs().max().item())
+
+    def forward(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            model(ids) if model is ours else model(ids, use_cache=False)
+
+    def forward_backward(model: torch.nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids) if model is ours else model(ids, use_cache=False).logits
+        logits.float().square().mean().backward()
+
+    def generate(model: torch.nn.Module) -> torch.Tensor:
+        if model is ours:
+            return ours.generate(prompt, n_new)
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # generate()'s notes on unset generation flags
+    try:
+        tokens = {name: generate(m) for name, m in (("ours", ours), ("transformers", hf))}
+        assert tokens["ours"].shape == tokens["transformers"].shape == (cfg.bench_batch,
+                                                                        cfg.bench_prompt + n_new)
+        rep.metric("greedy tokens that differ, ours vs transformers (random weights: near-ties)",
+                   int((tokens["ours"] != tokens["transformers"]).sum()))
+        for case, fn in zip(_BENCH_CASES, (forward, forward_backward, generate)):
+            t = compare_times({"ours": lambda fn=fn: fn(ours),
+                               "transformers": lambda fn=fn: fn(hf)},
+                              repeats=cfg.bench_repeats, warmup=1)
+            ms = {name: timing.median_s * 1e3 for name, timing in t.items()}
+            rep.metric(f"ms ours, {case}", ms["ours"])
+            rep.metric(f"ms transformers, {case}", ms["transformers"])
+            rep.claim(_bench_claim(case, cfg), ms["ours"] / ms["transformers"], BENCH_TARGET,
+                      "<=", unit="x",
+                      detail=f"{ms['ours']:.1f} ms vs {ms['transformers']:.1f} ms (median of "
+                             f"{cfg.bench_repeats} interleaved rounds, {torch.get_num_threads()}"
+                             f" threads); d={cfg.bench_hidden}, {cfg.bench_layers} layers, "
+                             f"{cfg.bench_heads}/{cfg.bench_kv_heads} heads, fp32 CPU")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    rep.note(f"transformers {transformers.__version__}, attention 'sdpa' in both models; same "
+             "weights copied by hf_key_map; timed with mlatlas.measure.compare_times")
+    return rep

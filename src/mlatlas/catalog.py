@@ -247,7 +247,9 @@ METHODS: tuple[Method, ...] = (
     M("swin", "vision", "Swin Transformer — shifted-window attention",
       "Liu et al. 2021, arXiv:2103.14030",
       "timm / torchvision Swin-T",
-      "identical logits on mapped weights"),
+      "identical logits on mapped weights; attention FLOPs linear in image size (ViT: "
+      "quadratic)",
+      experiment="mlatlas.experiments.vision.swin"),
     M("sam", "vision", "SAM — segment anything",
       "Kirillov et al. 2023, arXiv:2304.02643",
       "transformers SamModel",

@@ -3,10 +3,13 @@
 Speed and memory claims in mlatlas are ratios measured side by side in one process: ours
 against what a user would pick instead. Three tools make that uniform:
 
-* :func:`compare_times` — interleaved, warmed-up timing of several candidates with
-  :class:`torch.utils.benchmark.Timer` (which synchronises CUDA and pins the thread count):
-  every round runs each candidate once, so a slow minute of a shared machine hits all of
-  them alike; the median of the rounds is reported.
+* :func:`compare_times` — interleaved, warmed-up timing of several candidates: every round
+  runs each candidate in turn, so a slow minute of a shared machine hits all of them alike;
+  the median of the rounds is reported. It times with :func:`time.perf_counter` around
+  ``torch.cuda.synchronize()`` (what :class:`torch.utils.benchmark.Timer` does) but not
+  through ``Timer.timeit``, which adds two untimed warm-up calls to *every* measurement:
+  measured here, that tripled the cost of expensive candidates (the DDPM-1000 sampler of
+  the ddim bench: 12 calls instead of 4) without changing the medians.
 * :class:`PeakMemory` — the peak of live memory allocated inside a block, above what was
   live when it began. On CUDA it reads the caching allocator's peak
   (``torch.cuda.max_memory_allocated``); on the CPU it counts the bytes of every tensor
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +36,8 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mlatlas.runtime import torch_threads
 
 __all__ = ["PeakMemory", "Timing", "compare_times", "loglog_slope"]
 
@@ -64,8 +70,7 @@ def compare_times(candidates: Mapping[str, Callable[[], Any]], *, repeats: int =
         repeats: Timed rounds; the median over rounds is reported.
         number: Calls per candidate per round (their mean is the round's time).
         warmup: Untimed calls of each candidate before the first round.
-        threads: torch threads while timing; default the current count (``Timer`` alone
-            would pin 1).
+        threads: torch threads while timing (restored after); default the current count.
 
     Returns:
         Name → :class:`Timing`, in the order of ``candidates``.
@@ -74,8 +79,6 @@ def compare_times(candidates: Mapping[str, Callable[[], Any]], *, repeats: int =
         ValueError: no candidates, a non-callable, or ``repeats``/``number`` < 1,
             ``warmup`` < 0.
     """
-    from torch.utils.benchmark import Timer
-
     if not candidates:
         raise ValueError("compare_times needs at least one candidate, got none")
     for name, fn in candidates.items():
@@ -85,16 +88,14 @@ def compare_times(candidates: Mapping[str, Callable[[], Any]], *, repeats: int =
                             ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
-    threads = torch.get_num_threads() if threads is None else threads
-    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=threads, label=name)
-              for name, fn in candidates.items()}
-    if warmup:
-        for timer in timers.values():
-            timer.timeit(warmup)
     rounds: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, timer in timers.items():
-            rounds[name].append(timer.timeit(number).mean)
+    with torch_threads(threads):
+        for _ in range(warmup):
+            for fn in candidates.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                rounds[name].append(_seconds_per_call(fn, number))
     out = {}
     for name, times in rounds.items():
         iqr = 0.0
@@ -103,6 +104,18 @@ def compare_times(candidates: Mapping[str, Callable[[], Any]], *, repeats: int =
             iqr = q3 - q1
         out[name] = Timing(name, statistics.median(times), iqr, tuple(times))
     return out
+
+
+def _seconds_per_call(fn: Callable[[], Any], number: int) -> float:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()  # queued kernels belong to this candidate
+    return (time.perf_counter() - start) / number
 
 
 class _LiveStorageBytes(TorchDispatchMode):

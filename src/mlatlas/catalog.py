@@ -265,7 +265,8 @@ METHODS: tuple[Method, ...] = (
     M("calibration", "vision", "Camera calibration — Zhang's method, stereo extrinsics",
       "Zhang 2000, IEEE TPAMI 22(11):1330-1334",
       "OpenCV calibrateCamera, stereoCalibrate",
-      "recovers known intrinsics within 0.5%, reprojection RMS < 0.1 px"),
+      "recovers known intrinsics within 0.5%, reprojection RMS < 0.1 px",
+      experiment="mlatlas.experiments.vision.calibration"),
     # ---------------------------------------------------------------- features
     M("tfrecord", "features", "TFRecord — framing, tf.train.Example, sharded streaming",
       "Abadi et al. 2016, arXiv:1603.04467 (TensorFlow); the TFRecord and tf.train.Example "

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["COCO_IOU_THRESHOLDS", "DetectionMetrics", "batched_nms", "box_area", "box_iou",
-           "clip_boxes", "decode_boxes", "encode_boxes", "generalized_box_iou",
-           "mean_average_precision", "nms"]
+           "check_boxes", "clip_boxes", "decode_boxes", "encode_boxes", "generalized_box_iou",
+           "mean_average_precision", "nms", "nms_top_k"]
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # largest dw, dh before exp() (torchvision's default)
 
@@ -43,7 +43,9 @@ COCO_IOU_THRESHOLDS: tuple[float, ...] = _linspace(0.5, 0.95, 10)
 _RECALL_LEVELS: tuple[float, ...] = _linspace(0.0, 1.0, 101)
 
 
-def _check_boxes(boxes: Tensor, name: str) -> None:
+def check_boxes(boxes: Tensor, name: str) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``boxes`` is a float
+    ``[..., 4]`` tensor of ``(x1, y1, x2, y2)`` with ``x2 >= x1`` and ``y2 >= y1``."""
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(boxes).__name__}")
     if boxes.ndim < 1 or boxes.shape[-1] != 4:
@@ -84,8 +86,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Raises:
         ValueError: wrong shape or boxes with ``x2 < x1``/``y2 < y1``.
     """
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    check_boxes(boxes1, "boxes1")
+    check_boxes(boxes2, "boxes2")
     inter, union = _inter_union(boxes1, boxes2)
     return inter / union
 
@@ -100,8 +102,8 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         ``[..., N, M]`` GIoU in ``[−1, 1]``.
     """
-    _check_boxes(boxes1, "boxes1")
-    _check_boxes(boxes2, "boxes2")
+    check_boxes(boxes1, "boxes1")
+    check_boxes(boxes2, "boxes2")
     inter, union = _inter_union(boxes1, boxes2)
     lt = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     rb = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
@@ -165,7 +167,7 @@ def decode_boxes(deltas: Tensor, anchors: Tensor,
 
 
 def _check_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
-    _check_boxes(boxes, "boxes")
+    check_boxes(boxes, "boxes")
     if boxes.ndim != 2:
         raise ValueError(f"boxes must be [N, 4], got {tuple(boxes.shape)}")
     if not isinstance(scores, Tensor) or scores.shape != boxes.shape[:1]:
@@ -178,7 +180,7 @@ def _check_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None:
 
 
 def _greedy(boxes: Tensor, scores: Tensor, iou_threshold: float,
-            same_group: Tensor | None) -> Tensor:
+            same_group: Tensor | None, limit: int | None = None) -> Tensor:
     order = torch.sort(scores, descending=True, stable=True).indices
     b = boxes[order]
     inter, union = _inter_union(b, b)
@@ -191,6 +193,8 @@ def _greedy(boxes: Tensor, scores: Tensor, iou_threshold: float,
     kept, i = [], 0
     while True:  # eq. (NMS): keep the best box left, drop every later box it overlaps
         kept.append(i)
+        if len(kept) == limit:
+            break
         alive[i] = False
         alive &= ~over[i]
         left = alive[i + 1:]
@@ -223,6 +227,17 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     return _greedy(boxes, scores, float(iou_threshold), None)
+
+
+def nms_top_k(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int) -> Tensor:
+    """``nms(boxes, scores, iou_threshold)[:k]``, stopping as soon as ``k`` boxes are kept.
+
+    What a region proposal network needs (its post-NMS top-N) without the rest of the loop.
+    """
+    _check_nms(boxes, scores, iou_threshold)
+    if boxes.shape[0] == 0 or k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    return _greedy(boxes, scores, float(iou_threshold), None, int(k))
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -334,8 +349,8 @@ def mean_average_precision(detections: Sequence[Mapping[str, Tensor]],
         for key in ("boxes", "labels"):
             if key not in g:
                 raise ValueError(f"targets[{i}] needs {key!r}, got {sorted(g)}")
-        _check_boxes(d["boxes"].reshape(-1, 4), f"detections[{i}]['boxes']")
-        _check_boxes(g["boxes"].reshape(-1, 4), f"targets[{i}]['boxes']")
+        check_boxes(d["boxes"].reshape(-1, 4), f"detections[{i}]['boxes']")
+        check_boxes(g["boxes"].reshape(-1, 4), f"targets[{i}]['boxes']")
         if bool(torch.isnan(d["scores"]).any()):
             raise ValueError(f"detections[{i}]['scores'] must not contain NaN")
         dets.append((d["boxes"].reshape(-1, 4).double(), d["scores"].reshape(-1).double(),

@@ -30,6 +30,7 @@ __all__ = [
     "gaussian_entropy",
     "gaussian_log_prob",
     "mlp",
+    "orthogonal_init",
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -96,6 +97,24 @@ def mlp(sizes: Sequence[int], activation: type[nn.Module] = nn.Tanh) -> nn.Seque
         if i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def orthogonal_init(net: nn.Sequential, hidden_gain: float = math.sqrt(2),
+                    out_gain: float = 1.0) -> nn.Sequential:
+    """Orthogonal weights, zero biases (OpenAI Baselines' and stable-baselines3's policy init).
+
+    Every ``nn.Linear`` of ``net`` (an :func:`mlp`) gets ``orthogonal_(W, gain)`` with
+    ``hidden_gain`` except the last, which gets ``out_gain`` (SB3: 0.01 for a policy head, 1
+    for a value head); biases are zeroed. Returns ``net`` (changed in place).
+    """
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"net must contain nn.Linear layers, got {type(net).__name__} without")
+    for i, layer in enumerate(linears):
+        nn.init.orthogonal_(layer.weight, gain=out_gain if i == len(linears) - 1 else hidden_gain)
+        nn.init.zeros_(layer.bias)
+    return net
 
 
 class _Categorical(nn.Module):

@@ -224,6 +224,10 @@ def test_bad_input_raises():
             trpo.trpo_step(policy, obs, actions, lp, torch.ones(5), delta=delta)
         with pytest.raises(ValueError, match="delta"):
             trpo.TRPOSettings(delta=delta)
+    with pytest.raises(ValueError, match=r"advantages must have shape \(5,\) like obs, got \(5, 1\)"):
+        trpo.trpo_step(policy, obs, actions, lp, torch.ones(5, 1))
+    with pytest.raises(ValueError, match=r"actions must be \(5,\) or \(5, D\) like obs, got \(4,\)"):
+        trpo.trpo_step(policy, obs, actions[:4], lp, torch.ones(5))
     with pytest.raises(ValueError, match="backtrack_coef must be in \\(0, 1\\), got 1.5"):
         trpo.trpo_step(policy, obs, actions, lp, torch.ones(5), backtrack_coef=1.5)
     with pytest.raises(ValueError, match="damping must be >= 0, got -1"):

@@ -117,7 +117,9 @@ class RolloutCollector:
         dones = np.zeros((n_steps, N), dtype=np.float32)
         actions: list[Tensor] = []
         truncated_at: list[tuple[int, int, np.ndarray]] = []  # (t, env, final observation)
-        batch = RolloutBatch(*(torch.empty(0),) * 6)
+        ep_returns: list[float] = []
+        ep_lengths: list[int] = []
+        ep_ends: list[int] = []
         for t in range(n_steps):
             obs_buf[t] = self.obs
             with torch.inference_mode():
@@ -139,9 +141,9 @@ class RolloutCollector:
                     dones[t, i] = 1.0
                     if truncated and not terminated:
                         truncated_at.append((t, i, np.asarray(nxt, dtype=np.float32)))
-                    batch.episode_returns.append(float(self.episode_return[i]))
-                    batch.episode_lengths.append(int(self.episode_length[i]))
-                    batch.episode_end_steps.append(self.total_steps + N)
+                    ep_returns.append(float(self.episode_return[i]))
+                    ep_lengths.append(int(self.episode_length[i]))
+                    ep_ends.append(self.total_steps + N)
                     self.episode_return[i], self.episode_length[i] = 0.0, 0
                     nxt, _ = env.reset()
                 self.obs[i] = nxt
@@ -159,10 +161,11 @@ class RolloutCollector:
                 for (t, i, _), v in zip(truncated_at, finals):
                     r[t, i] += gamma * v
         est = gae(r.T, values.T, torch.from_numpy(dones).T, last_value, gamma, lam)  # [N, T]
-        batch.obs = obs.transpose(0, 1).reshape(N * n_steps, -1)
-        batch.actions = act.transpose(0, 1).reshape(N * n_steps, *act.shape[2:])
-        batch.log_probs = log_probs.reshape(n_steps, N).T.reshape(-1)
-        batch.values = values.T.reshape(-1)
-        batch.advantages = est.advantages.reshape(-1)
-        batch.returns = est.returns.reshape(-1)
-        return batch
+        return RolloutBatch(  # environment-major: (T, N, ...) -> (N, T, ...) -> (N*T, ...)
+            obs=obs.transpose(0, 1).reshape(N * n_steps, -1),
+            actions=act.transpose(0, 1).reshape(N * n_steps, *act.shape[2:]),
+            log_probs=log_probs.reshape(n_steps, N).T.reshape(-1),
+            values=values.T.reshape(-1),
+            advantages=est.advantages.reshape(-1),
+            returns=est.returns.reshape(-1),
+            episode_returns=ep_returns, episode_lengths=ep_lengths, episode_end_steps=ep_ends)

@@ -212,6 +212,12 @@ def trpo_step(policy: nn.Module, obs: Tensor, actions: Tensor, old_log_probs: Te
     """
     if not delta > 0:
         raise ValueError(f"delta (the KL bound) must be > 0, got {delta}")
+    B = obs.shape[0]
+    if actions.shape[:1] != (B,):
+        raise ValueError(f"actions must be ({B},) or ({B}, D) like obs, got {tuple(actions.shape)}")
+    for name, t in (("old_log_probs", old_log_probs), ("advantages", advantages)):
+        if t.shape != (B,):
+            raise ValueError(f"{name} must have shape ({B},) like obs, got {tuple(t.shape)}")
     if not 0 < backtrack_coef < 1:
         raise ValueError(f"backtrack_coef must be in (0, 1), got {backtrack_coef}")
     if backtrack_iters < 1:

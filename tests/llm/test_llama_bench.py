@@ -8,10 +8,7 @@ from mlatlas.experiments.llm.llama import BENCH_TARGET, Config, bench
 
 def test_bench_runs_at_tiny_sizes(reference, tmp_path):
     reference("transformers")
-    cfg = Config(bench_hidden=24, bench_intermediate=40, bench_layers=2, bench_heads=4,
-                 bench_kv_heads=2, bench_batch=2, bench_seq=9, bench_prompt=3,
-                 bench_new_tokens=4, bench_repeats=1)
-    rep = bench(cfg, tmp_path)
+    rep = bench(Config.smoke(), tmp_path)  # a 2-layer, 24-wide model; one timing round
     assert rep.metrics["max |logits ours - transformers|"] < 1e-5  # the same weights
     assert len(rep.claims) == 3
     for claim in rep.claims:

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from mlatlas.nn.norms import RMSNorm, rms_norm
-from mlatlas.nn.rope import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half
+from mlatlas.nn.rope import (
+    apply_rope,
+    check_rope_scaling,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_half,
+)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 200}
@@ -173,6 +180,43 @@ def test_rope_properties():
     assert rotate_half(x).tolist() == [-6.0, -7.0, -8.0, -9.0, -10.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
+SCALED = {
+    "linear": {"rope_type": "linear", "factor": 2.5},
+    "dynamic": {"rope_type": "dynamic", "factor": 3.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 40},
+    "yarn-options": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 40,
+                     "beta_fast": 16, "beta_slow": 2, "mscale": 0.9, "mscale_all_dim": 0.6,
+                     "truncate": False},
+    "yarn-attention-factor": {"rope_type": "yarn", "factor": 2.0, "attention_factor": 1.5,
+                              "original_max_position_embeddings": 40},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0],
+                 "long_factor": [1.0, 2.0, 4.0, 6.0, 9.0], "original_max_position_embeddings": 40},
+    "longrope-factor": {"rope_type": "longrope", "short_factor": [1.0] * 5,
+                        "long_factor": [1.0, 2.0, 4.0, 6.0, 9.0], "factor": 3.0,
+                        "original_max_position_embeddings": 40},
+}
+
+
+@pytest.mark.parametrize("name", list(SCALED))
+@pytest.mark.parametrize("length", [30, 64, 99])
+def test_scaled_rope_matches_transformers(reference, name, length):
+    # below and beyond L_orig = 40 and L_max = 64: cos/sin (attention factor included) equal
+    transformers = reference("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = transformers.LlamaConfig(hidden_size=60, num_attention_heads=6, head_dim=10,
+                                   max_position_embeddings=64,
+                                   rope_parameters={**SCALED[name], "rope_theta": 500.0})
+    hf = LlamaRotaryEmbedding(cfg)
+    pos = torch.stack([torch.arange(length), torch.arange(length).flip(0)])
+    cos_ref, sin_ref = hf(torch.zeros(1, length, 10), pos)
+    inv = rope_inv_freq(10, 500.0, SCALED[name], max_position_embeddings=64, seq_len=length)
+    cos, sin = rope_cos_sin(pos, inv, torch.float32,
+                            rope_attention_factor(check_rope_scaling(SCALED[name], 10, 64), 64))
+    torch.testing.assert_close(cos, cos_ref, atol=0, rtol=0)
+    torch.testing.assert_close(sin, sin_ref, atol=0, rtol=0)
+
+
 def test_rope_bad_input():
     with pytest.raises(ValueError, match="head_dim must be a positive even int, got 9"):
         rope_inv_freq(9)
@@ -180,8 +224,12 @@ def test_rope_bad_input():
         rope_inv_freq(0)
     with pytest.raises(ValueError, match="rope_theta must be > 0, got 0.0"):
         rope_inv_freq(10, 0.0)
-    with pytest.raises(ValueError, match="rope_scaling type must be 'llama3' .* got 'linear'"):
-        rope_inv_freq(10, 1e4, {"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling type must be one of .* got 'ntk'"):
+        rope_inv_freq(10, 1e4, {"rope_type": "ntk", "factor": 2.0})
+    with pytest.raises(ValueError, match="'dynamic' needs max_position_embeddings"):
+        rope_inv_freq(10, 1e4, {"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling factor must be > 0, got -2.0"):
+        rope_inv_freq(10, 1e4, {"type": "linear", "factor": -2.0})
     with pytest.raises(ValueError, match=r"missing \['original_max_position_embeddings'\]"):
         rope_inv_freq(10, 1e4, {k: v for k, v in LLAMA3_SCALING.items()
                                 if k != "original_max_position_embeddings"})

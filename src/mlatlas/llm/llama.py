@@ -1,4 +1,4 @@
-"""LLaMA and Llama 3: a pre-RMSNorm decoder-only Transformer with SwiGLU, RoPE and GQA.
+"""LLaMA and its family (Llama 2/3, Mistral, Qwen2): a pre-RMSNorm decoder-only Transformer.
 
 LLaMA is the GPT decoder with three changes: RMSNorm *before* each sub-block (pre-norm), the
 SwiGLU feed-forward block, and rotary position embeddings on queries and keys. Llama 2/3 add
@@ -6,6 +6,12 @@ grouped-query attention (``n_kv < n_h`` key/value heads, each shared by ``n_h / 
 heads) and Llama 3.1 the "llama3" RoPE frequency scaling. Touvron et al. 2023, "LLaMA: Open
 and Efficient Foundation Language Models", arXiv:2302.13971; Ainslie et al. 2023 (GQA),
 arXiv:2305.13245; Grattafiori et al. 2024, "The Llama 3 Herd of Models", arXiv:2407.21783.
+Mistral is the same decoder with sliding-window attention (each token sees the last ``W``
+positions; Jiang et al. 2023, "Mistral 7B", arXiv:2310.06825); Qwen2 adds biases to the
+query/key/value projections and slides the window on its upper layers only (Yang et al.
+2024, "Qwen2 Technical Report", arXiv:2407.10671). One class computes them all; the options
+are fields of :class:`LlamaConfig` (every option transformers' ``LlamaForCausalLM``,
+``MistralForCausalLM`` and ``Qwen2ForCausalLM`` apply; RoPE scalings in :mod:`mlatlas.nn.rope`).
 
 Parameter names mirror Hugging Face's ``LlamaForCausalLM`` without its ``model.`` prefix; the
 exact map is :func:`mlatlas.llm.hf_format.hf_key_map`. Attention goes through
@@ -16,6 +22,8 @@ exact map is :func:`mlatlas.llm.hf_format.hf_key_map`. Attention goes through
 ``d``          ``hidden_size``;  ``f`` ``intermediate_size``;  ``V`` vocab
 ``n_h, n_kv``  query heads, key/value heads (``n_h % n_kv == 0``)
 ``D``          ``head_dim``
+``W``          ``sliding_window`` of a sliding layer (key ``j`` seen from ``i`` iff
+               ``i − W < j ≤ i``)
 ``x_l``        residual stream entering layer ``l``
 =============  ============================================================
 
@@ -27,8 +35,9 @@ A layer computes (eqs. of the LLaMA paper's §2.2 in pre-norm form)::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,87 +48,19 @@ from torch import Tensor, nn
 from mlatlas.attention.reference import QKVShape, check_cu_seqlens
 from mlatlas.llm import hf_format
 from mlatlas.llm.generation import KVCache, generate
-from mlatlas.nn.attention import BACKENDS, attend
+from mlatlas.llm.llama_config import GATE_OF_ACTIVATION, LlamaConfig
+from mlatlas.nn.attention import attend
 from mlatlas.nn.feedforward import GatedFeedForward
 from mlatlas.nn.norms import RMSNorm
-from mlatlas.nn.rope import apply_rope, packed_position_ids, rope_cos_sin, rope_inv_freq
+from mlatlas.nn.rope import (
+    apply_rope,
+    packed_position_ids,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
-__all__ = ["AttentionMask", "KVCache", "Llama", "LlamaAttention", "LlamaConfig",
-           "LlamaDecoderLayer", "next_token_loss"]
-
-
-def _pos_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-    return value
-
-
-@dataclass
-class LlamaConfig:
-    """Hyper-parameters of a LLaMA / Llama 3 model (Hugging Face names in brackets).
-
-    Attributes:
-        vocab_size: ``V``.
-        hidden_size: ``d``.
-        intermediate_size: SwiGLU hidden width ``f``.
-        num_layers: Decoder layers [``num_hidden_layers``].
-        num_heads: Query heads ``n_h`` [``num_attention_heads``].
-        num_kv_heads: Key/value heads ``n_kv`` [``num_key_value_heads``]; ``None`` → ``n_h``
-            (multi-head attention, LLaMA 1); must divide ``n_h``.
-        head_dim: ``D``; ``None`` → ``d // n_h``. Must be even (RoPE rotates pairs).
-        rope_theta: RoPE base.
-        rope_scaling: ``None`` or ``{"rope_type": "llama3", "factor", "low_freq_factor",
-            "high_freq_factor", "original_max_position_embeddings"}``.
-        rms_norm_eps: RMSNorm ``ε``.
-        max_position_embeddings: Longest sequence (positions) the model accepts.
-        tie_word_embeddings: Share the input embedding with the output head.
-        attn_backend: The :func:`~mlatlas.nn.attention.attend` backend of every layer, one
-            of :data:`mlatlas.nn.attention.BACKENDS` (not written to ``config.json``).
-    """
-
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    attn_backend: str = "sdpa"
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "max_position_embeddings"):
-            _pos_int(getattr(self, name), name)
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
-        _pos_int(self.num_kv_heads, "num_kv_heads")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
-                             f"({self.num_kv_heads}) for grouped-query attention")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
-                                 f"num_heads ({self.num_heads}) when head_dim is not given")
-            self.head_dim = self.hidden_size // self.num_heads
-        if _pos_int(self.head_dim, "head_dim") % 2:
-            raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"LlamaConfig.attn_backend must be one of {BACKENDS}, got "
-                             f"{self.attn_backend!r}")
-        if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)
-        rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates both
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return asdict(self)
+__all__ = ["AttentionMask", "Llama", "LlamaAttention", "LlamaDecoderLayer", "next_token_loss"]
 
 
 @dataclass(frozen=True)
@@ -155,11 +96,13 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.backend = config.attn_backend
+        self.window = config.window(layer_idx)
         d, D = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * D, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * D, d, bias=False)
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(d, self.num_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * D, d, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> Tensor:
@@ -179,9 +122,11 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoFormer eq. (34)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # softmax(q kᵀ / √D + mask) v, GQA: key/value head j serves query heads j·g … j·g + g - 1
+        # softmax(q kᵀ / √D + mask) v, GQA: key/value head j serves query heads j·g … j·g + g - 1;
+        # a sliding layer masks keys j ≤ i − W too
         out = attend(q, k, v, causal=mask.causal, key_padding_mask=mask.key_padding_mask,
-                     attn_mask=mask.attn_mask, cu_seqlens=mask.cu_seqlens, backend=self.backend)
+                     attn_mask=mask.attn_mask, cu_seqlens=mask.cu_seqlens, window=self.window,
+                     backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,7 +143,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedFeedForward(config.hidden_size, config.intermediate_size,
-                                    kind="swiglu", bias=False)
+                                    kind=GATE_OF_ACTIVATION[config.hidden_act],
+                                    bias=config.mlp_bias)
 
     def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 cache: KVCache | None = None) -> Tensor:
@@ -237,21 +183,32 @@ class Llama(nn.Module):
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # RoPE frequencies: a plain float32 tensor (not a buffer), so .to(dtype) never rounds it
-        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      max_position_embeddings=config.max_position_embeddings)
+        self.rope_scale = rope_attention_factor(config.rope_scaling,
+                                                config.max_position_embeddings)
         self.layer_runner: Callable[..., Tensor] | None = None
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) linear/embedding weights (Hugging Face's init), unit norm gains."""
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Hugging Face's init: Normal(0, std) weights (``std`` default
+        ``config.initializer_range``), zero biases and padding row, unit norm gains."""
+        std = self.config.initializer_range if std is None else std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         if self.config.tie_word_embeddings:
@@ -276,7 +233,8 @@ class Llama(nn.Module):
                 for left-padded rows.
             attn_mask: Bool ``[B|1, 1, T, P + T]``, True where query ``i`` may attend key
                 ``j``; replaces the causal mask for this call (tree attention, speculative
-                verification over a cache). Combined with ``attention_mask`` when both given.
+                verification over a cache). Combined with ``attention_mask`` when both given,
+                and with the window of sliding layers.
             cu_seqlens: Packed batch (:class:`mlatlas.llm.packing.PackedBatch`): int
                 ``[n_docs + 1]`` document boundaries in the flattened ``B·T`` token stream
                 (the contract of :func:`mlatlas.attention.reference.check_cu_seqlens`); no
@@ -306,7 +264,8 @@ class Llama(nn.Module):
             position_ids = (packed_position_ids(cu_seqlens).view(B, T) if cu_seqlens is not None
                             else torch.arange(past, past + T, device=input_ids.device)[None])
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self._rope_frequencies(position_ids), x.dtype,
+                                self.rope_scale)
         if cu_seqlens is not None:  # packed rows: one stream of B·T tokens
             x, cos, sin = (t.reshape(1, B * T, t.shape[-1]) for t in
                            (x, cos.expand(B, T, -1), sin.expand(B, T, -1)))
@@ -320,6 +279,15 @@ class Llama(nn.Module):
             for layer in self.layers:
                 x = layer(x, **layer_kwargs)
         return self.norm(x).view(B, T, -1)
+
+    def _rope_frequencies(self, position_ids: Tensor) -> Tensor:
+        """``θ`` for this call: dynamic and longrope RoPE depend on the longest position."""
+        c = self.config
+        if c.rope_scaling is None or c.rope_scaling["rope_type"] not in ("dynamic", "longrope"):
+            return self.inv_freq
+        return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling,
+                             max_position_embeddings=c.max_position_embeddings,
+                             seq_len=int(position_ids.max()) + 1)
 
     def _check_inputs(self, input_ids: Tensor, position_ids: Tensor | None,
                       cache: KVCache | None, attention_mask: Tensor | None,
@@ -338,9 +306,10 @@ class Llama(nn.Module):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
                              f"got values in [{lo}, {hi}]")
         S = T + (cache.seq_len if cache is not None else 0)
-        if S > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {S} exceeds max_position_embeddings "
-                             f"({self.config.max_position_embeddings})")
+        if S > self.config.max_position_embeddings:  # as transformers: a warning, not an error
+            warnings.warn(f"sequence length {S} exceeds max_position_embeddings "
+                          f"({self.config.max_position_embeddings}): the model was not trained "
+                          "on such positions", stacklevel=4)
         if position_ids is not None and (
                 not isinstance(position_ids, Tensor) or position_ids.is_floating_point()
                 or position_ids.dim() != 2 or position_ids.shape[1] != T
@@ -378,34 +347,44 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
-        """Load a Hugging Face ``LlamaForCausalLM`` folder (config.json + *.safetensors).
+        """Load a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM`` or
+        ``Qwen2ForCausalLM`` folder (config.json + safetensors, one file or indexed shards).
 
         Args:
-            path: The folder (one ``*.safetensors`` file or shards).
-            dtype: Parameter dtype of the returned model.
+            path: The folder.
+            dtype: Parameter dtype of the returned model (the checkpoint's may be any).
 
         Raises:
-            FileNotFoundError: no folder, ``config.json`` or ``*.safetensors``.
-            ValueError: a config option we cannot represent (named), missing or unexpected
+            FileNotFoundError: no folder, ``config.json`` or safetensors weights.
+            ValueError: a config option we cannot compute (named), missing or unexpected
                 tensors, or a tensor of the wrong shape.
         """
         folder = hf_format.read_folder(path)
-        model = cls(LlamaConfig(**hf_format.config_fields_from_hf(folder.config)))
+        model = cls(hf_format.config_from_hf(folder.config))
         state = hf_format.state_from_hf(folder.tensors, hf_format.hf_key_map(model.config),
                                         model.state_dict(), source=str(path))
         model.load_state_dict(state, strict=True)
         return model.to(dtype)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write a folder ``transformers.LlamaForCausalLM.from_pretrained`` loads.
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> Path:
+        """Write a folder transformers' class of ``config.model_type`` loads.
+
+        Args:
+            path: The folder (created).
+            max_shard_bytes: Shard the weights (with an index json) above this size.
 
         Returns:
-            The folder (``config.json`` + ``model.safetensors``, Hugging Face names).
+            The folder (``config.json`` with ``architectures`` and ``model_type``, and the
+            weights by Hugging Face name in the parameters' dtype).
+
+        Raises:
+            ValueError: an option the family's transformers class cannot express (named).
         """
         state = self.state_dict()
         tensors = {hf: state[ours] for ours, hf in hf_format.hf_key_map(self.config).items()}
         dtype = self.embed_tokens.weight.dtype
-        return hf_format.write_folder(path, hf_format.config_to_hf(self.config, dtype), tensors)
+        return hf_format.write_folder(path, hf_format.config_to_hf(self.config, dtype), tensors,
+                                      max_shard_bytes)
 
 
 def next_token_loss(logits: Tensor, input_ids: Tensor, ignore_index: int = -100) -> Tensor:

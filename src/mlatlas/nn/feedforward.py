@@ -22,6 +22,8 @@ torch's fused kernels (``F.silu`` …); the plain block takes any activation of
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +34,8 @@ __all__ = ["GLU_KINDS", "FeedForward", "GatedFeedForward"]
 
 #: GLU variant → the activation applied to the gate projection (torch's fused kernels: the
 #: hand-written :mod:`mlatlas.nn.activations` equal them, see tests/llm/test_activations.py).
-GLU_KINDS = {"glu": torch.sigmoid, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}
+GLU_KINDS = {"glu": torch.sigmoid, "reglu": F.relu, "geglu": F.gelu,
+             "geglu_tanh": partial(F.gelu, approximate="tanh"), "swiglu": F.silu}
 
 
 def _check_size(value: object, name: str) -> int:
@@ -89,7 +92,8 @@ class GatedFeedForward(nn.Module):
     Args:
         dim: Model width ``d``.
         hidden: Hidden width ``h`` (``⅔ · 4d`` to match a plain FFN of width ``4d``).
-        kind: ``"glu"`` (sigmoid gate), ``"reglu"``, ``"geglu"`` or ``"swiglu"``.
+        kind: ``"glu"`` (sigmoid gate), ``"reglu"``, ``"geglu"``, ``"geglu_tanh"`` (GELU's
+            tanh approximation) or ``"swiglu"``.
         bias: Whether the three linear layers have biases (LLaMA: no).
 
     Shapes:

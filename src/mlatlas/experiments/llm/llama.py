@@ -68,8 +68,11 @@ class Config:
 
     @classmethod
     def smoke(cls) -> Config:
-        """A few steps, for tests: 3 steps of 4 windows, 20 validation windows."""
-        return cls(steps=3, eval_every=3, eval_windows=4, batch=4, gen_tokens=4, val_windows=20)
+        """A few steps, for tests: 3 steps of 4 windows, 20 validation windows; a bench of a
+        tiny model, one timing round."""
+        return cls(steps=3, eval_every=3, eval_windows=4, batch=4, gen_tokens=4, val_windows=20,
+                   bench_hidden=24, bench_intermediate=40, bench_layers=2, bench_batch=2,
+                   bench_seq=9, bench_prompt=3, bench_new_tokens=4, bench_repeats=1)
 
     @classmethod
     def full(cls) -> Config:

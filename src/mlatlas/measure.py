@@ -14,7 +14,7 @@ against what a user would pick instead. Three tools make that uniform:
   live when it began. On CUDA it reads the caching allocator's peak
   (``torch.cuda.max_memory_allocated``); on the CPU it counts the bytes of every tensor
   storage an aten op creates inside the block and frees it when the storage dies (a
-  :class:`~torch.utils._python_dispatch.TorchDispatchMode` plus weak storage references),
+  :class:`~torch.utils._python_dispatch.TorchDispatchMode` plus a finalizer on each storage),
   which is exact and identical on every machine — the allocator's own caching and the
   Python heap are not counted.
 * :func:`loglog_slope` — the least-squares slope of ``log y`` against ``log x``
@@ -29,12 +29,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlatlas.runtime import torch_threads
@@ -119,22 +119,26 @@ def _seconds_per_call(fn: Callable[[], Any], number: int) -> float:
 
 
 class _LiveStorageBytes(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages aten ops create inside the mode."""
+    """Live and peak bytes of the tensor storages aten ops create inside the mode.
+
+    A storage's death is seen when it happens: torch keeps a storage's Python object alive as
+    long as the storage itself (as it does for tensors), so a :class:`weakref.finalize` on it
+    fires when the last tensor using it is freed — O(1) per op, however much is alive.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage cdata → (ref, bytes)
+        self.live: dict[int, weakref.finalize] = {}  # id(storage object) → its finalizer
         self.current = 0
         self.peak = 0
         self._aliasing: dict[Any, tuple[bool, ...]] = {}
 
-    def _collect(self) -> None:
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live.pop(key, None)
+        self.current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        self._collect()
         aliasing = self._aliasing.get(func)
         if aliasing is None:  # outputs that are views of, or written into, an input are not new
             aliasing = tuple(r.alias_info is not None for r in func._schema.returns)
@@ -143,13 +147,20 @@ class _LiveStorageBytes(TorchDispatchMode):
         for t, aliased in zip(outs, aliasing):
             if aliased or not isinstance(t, torch.Tensor):
                 continue
-            ref = StorageWeakRef(t.untyped_storage())
-            if ref.cdata not in self.live:
-                nbytes = t.untyped_storage().nbytes()
-                self.live[ref.cdata] = (ref, nbytes)
+            storage = t.untyped_storage()
+            if id(storage) not in self.live:
+                nbytes = storage.nbytes()
+                self.live[id(storage)] = weakref.finalize(storage, self._free, id(storage),
+                                                          nbytes)
                 self.current += nbytes
         self.peak = max(self.peak, self.current)
         return out
+
+    def close(self) -> None:
+        """Stop following the storages that outlive the block."""
+        for finalizer in list(self.live.values()):
+            finalizer.detach()
+        self.live.clear()
 
 
 class PeakMemory:
@@ -202,6 +213,7 @@ class PeakMemory:
         self._final = self.peak_bytes
         if self._mode is not None:
             self._mode.__exit__(*exc)
+            self._mode.close()
             self._mode = None
 
     @property

@@ -4,16 +4,16 @@
 a Llama (GQA, RoPE) gives every token the same loss, and every parameter the same gradient,
 as the right-padded batch of the same documents; that changing one document leaves the
 others' logits untouched (no cross-document attention); and reports both padding fractions.
-``bench`` trains over the same documents both ways — padded batches and packed rows, each
-step holding at most the same token budget — and reports real tokens per second.
+``bench`` trains over the same documents three ways, each step holding at most the same token
+budget — padded batches in random order, length-grouped padded batches (what transformers'
+``group_by_length=True`` does: shuffle, sort by length within mega-batches, then pad per
+batch) and packed rows — and reports real tokens per second, packed against each baseline.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 
 from mlatlas.llm.llama import Llama, LlamaConfig
 from mlatlas.llm.packing import PaddedBatch, pack, pad, token_losses
+from mlatlas.measure import compare_times
 from mlatlas.plots import figure
 from mlatlas.report import Report
 
@@ -44,6 +45,12 @@ class Config:
     bench_layers: int = 4  # layers of the benchmark model
     repeats: int = 3  # timed epochs per method after one warm-up; median reported
 
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few documents, for tests (and a tiny bench that only checks it runs)."""
+        return cls(num_docs=8, bench_docs=12, bench_median_len=16.0, bench_max_tokens=64,
+                   bench_rows=2, bench_hidden=32, bench_layers=1, repeats=1)
+
 
 def lognormal_lengths(n: int, median: float, sigma: float, max_len: int,
                       gen: torch.Generator, min_len: int = 2) -> list[int]:
@@ -65,10 +72,10 @@ def _parity_model(cfg: Config) -> Llama:
                              max_position_embeddings=4 * cfg.max_tokens))
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """Parity of packed vs padded per-token losses and gradients; padding fractions."""
     rep = Report()
-    n_docs = 8 if smoke else cfg.num_docs
+    n_docs = cfg.num_docs
     gen = torch.Generator().manual_seed(cfg.seed)
     docs = _documents(n_docs, cfg.median_len, cfg.sigma, cfg.max_tokens, cfg.vocab_size, gen)
     model = _parity_model(cfg)
@@ -128,10 +135,9 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     return rep
 
 
-def _padded_batches(docs: list[torch.Tensor], budget: int,
-                    gen: torch.Generator) -> list[PaddedBatch]:
-    """Random order, each batch as many documents as fit ``n · max_len ≤ budget``."""
-    order = torch.randperm(len(docs), generator=gen).tolist()
+def _budget_batches(docs: list[torch.Tensor], order: Sequence[int],
+                    budget: int) -> list[PaddedBatch]:
+    """Documents in ``order``, each batch as many as fit ``n · max_len ≤ budget``, padded."""
     batches, cur = [], []
     for i in order:
         longest = max([len(docs[j]) for j in cur] + [len(docs[i])])
@@ -143,15 +149,39 @@ def _padded_batches(docs: list[torch.Tensor], budget: int,
     return batches
 
 
+def length_grouped_order(lengths: Sequence[int], batch_size: int,
+                         gen: torch.Generator) -> list[int]:
+    """The document order of transformers' ``group_by_length=True`` (``LengthGroupedSampler``).
+
+    Shuffle, cut into mega-batches of ``mult · batch_size`` documents with transformers'
+    default ``mult = min(n // (4 · batch_size), 50)`` (at least 1), sort each mega-batch by
+    length, longest first, and move the longest document of all to the front.
+    """
+    mult = max(1, min(len(lengths) // (batch_size * 4), 50))
+    size = mult * batch_size
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    megas = [sorted(perm[i:i + size], key=lambda j: lengths[j], reverse=True)
+             for i in range(0, len(perm), size)]
+    top = max(range(len(megas)), key=lambda m: lengths[megas[m][0]])
+    megas[0][0], megas[top][0] = megas[top][0], megas[0][0]
+    return [j for mega in megas for j in mega]
+
+
 def bench(cfg: Config, out: Path) -> Report:
-    """Tokens/s of a training epoch, packed vs padded, at an equal token budget per step."""
+    """Tokens/s of a training epoch, packed vs padded (random order and length-grouped), at an
+    equal token budget per step."""
     rep = Report()
     gen = torch.Generator().manual_seed(cfg.seed)
     L = cfg.bench_max_tokens
     docs = _documents(cfg.bench_docs, cfg.bench_median_len, cfg.sigma, L, 512, gen)
     budget = cfg.bench_rows * L
-    padded = _padded_batches(docs, budget, gen)
+    batches = {"padded, random order": _budget_batches(
+        docs, torch.randperm(len(docs), generator=gen).tolist(), budget)}
     packed = pack(docs, L).split(cfg.bench_rows)
+    # group_by_length's batch size: the documents per step of the random-order batches
+    per_step = max(1, round(len(docs) / len(batches["padded, random order"])))
+    batches["padded, length-grouped"] = _budget_batches(
+        docs, length_grouped_order([len(d) for d in docs], per_step, gen), budget)
     real = sum(len(d) for d in docs)
     n_targets = real - len(docs)
     torch.manual_seed(cfg.seed)
@@ -160,38 +190,43 @@ def bench(cfg: Config, out: Path) -> Report:
                               num_layers=cfg.bench_layers, num_heads=4, num_kv_heads=2,
                               max_position_embeddings=L))
 
-    def epoch_padded() -> None:
+    def epoch_padded(padded: list[PaddedBatch]) -> None:
+        model.zero_grad(set_to_none=True)
         for b in padded:
             (token_losses(model(b.input_ids), b.labels).sum() / n_targets).backward()
 
     def epoch_packed() -> None:
+        model.zero_grad(set_to_none=True)
         for b in packed:
             logits = model(b.input_ids, b.position_ids, cu_seqlens=b.cu_seqlens)
             (token_losses(logits, b.labels).sum() / n_targets).backward()
 
-    times: dict[str, list[float]] = {"padded": [], "packed": []}
-    runs: dict[str, Callable[[], None]] = {"padded": epoch_padded, "packed": epoch_packed}
-    for rep_i in range(cfg.repeats + 1):  # first round is warm-up
-        for name, fn in runs.items():  # interleaved
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            fn()
-            if rep_i:
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: real / v for k, v in med.items()}
-    pad_slots = sum(b.input_ids.numel() for b in padded)
-    pack_slots = sum(b.input_ids.numel() for b in packed)
-    rep.metric("tokens/s padded", tps["padded"])
-    rep.metric("tokens/s packed", tps["packed"])
-    rep.metric("padding fraction, padded batches", 1 - real / pad_slots)
-    rep.metric("padding fraction, packed rows", 1 - real / pack_slots)
-    rep.metric("steps padded", len(padded))
-    rep.metric("steps packed", len(packed))
+    epochs = {name: (lambda b=b: epoch_padded(b)) for name, b in batches.items()}
+    epochs["packed"] = epoch_packed
+    timings = compare_times(epochs, repeats=cfg.repeats, warmup=1)  # interleaved
+    tps = {k: real / t.median_s for k, t in timings.items()}
+    slots = {k: sum(b.input_ids.numel() for b in v) for k, v in batches.items()}
+    slots["packed"] = sum(b.input_ids.numel() for b in packed)
+    steps = {k: len(v) for k, v in batches.items()}
+    steps["packed"] = len(packed)
+    for k in tps:
+        rep.metric(f"tokens/s {k}", tps[k])
+        rep.metric(f"padding fraction, {k}", 1 - real / slots[k])
+        rep.metric(f"steps, {k}", steps[k])
     rep.metric("real tokens per epoch", real)
-    rep.claim("tokens/s packed / padded", tps["packed"] / tps["padded"], 1.8, op=">=",
-              unit="x", detail=f"forward+backward, {cfg.bench_docs} log-normal documents "
-              f"(median {cfg.bench_median_len:g}, σ {cfg.sigma:g}, ≤ {L}), ≤ {budget} "
-              f"tokens per step; median of {cfg.repeats} epochs")
+    rep.metric("group_by_length batch size (documents per step)", per_step)
+    detail = (f"forward+backward, {cfg.bench_docs} log-normal documents (median "
+              f"{cfg.bench_median_len:g}, σ {cfg.sigma:g}, ≤ {L}), ≤ {budget} tokens per step; "
+              f"median of {cfg.repeats} interleaved epochs")
+    rep.claim("tokens/s packed / padded batches in random order",
+              tps["packed"] / tps["padded, random order"], 1.8, op=">=", unit="x",
+              detail=detail)
+    rep.claim("tokens/s packed / length-grouped padded batches (group_by_length)",
+              tps["packed"] / tps["padded, length-grouped"], 1.0, op=">=", unit="x",
+              detail=detail)
+    rep.note("Baselines: padded batches in random order, and length-grouped padded batches as "
+             "transformers' group_by_length=True builds them (shuffle, sort by length within "
+             f"mega-batches of {per_step}·mult documents, then pad per batch); every step of "
+             f"every method holds at most {budget} token slots.")
     rep.note(f"{n_targets} predicted tokens per epoch; threads: {torch.get_num_threads()}")
     return rep

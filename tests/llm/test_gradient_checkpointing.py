@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlatlas.llm.gradient_checkpointing import (
-    SavedTensorMeter,
     checkpoint,
     checkpoint_sequential,
     disable_checkpointing,
     enable_checkpointing,
     segment_sizes,
 )
+from mlatlas.measure import PeakMemory
 
 
 class Block(nn.Module):
@@ -113,21 +113,49 @@ def test_first_segment_params_get_grads_when_input_needs_none_and_autograd_grad_
         torch.testing.assert_close(checkpoint_sequential(blocks, 2, x), _plain(blocks, x, None))
 
 
-def test_saved_bytes_are_the_segment_inputs_only():
+def _saved_storages(fn, exclude):
+    """Distinct non-parameter storages autograd saves for backward while ``fn()`` runs."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    found = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            found.setdefault(st.data_ptr(), st)  # kept alive: no pointer reuse
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, list(found.values())
+
+
+def test_only_the_segment_inputs_are_saved_for_backward():
     blocks = _stack(9, d=12, dtype=torch.float32)
     x = torch.randn(4, 7, 12, requires_grad=True)
-    with SavedTensorMeter(blocks.parameters()) as plain:
-        _plain(blocks, x, None)
+    _, plain = _saved_storages(lambda: _plain(blocks, x, None), blocks.parameters())
+    x_bytes = x.numel() * x.element_size()
+    assert sum(st.nbytes() for st in plain) > 5 * 9 * x_bytes  # > 5 x-sized tensors per block
     for segments in (1, 3, 9):
-        with SavedTensorMeter(blocks.parameters()) as meter:
-            out = checkpoint_sequential(blocks, segments, x)
-        assert meter.count == segments  # the input of every segment, nothing else
-        assert meter.bytes == segments * x.numel() * x.element_size()
-        out.sum().backward()  # the graph is still usable after metering
-    assert plain.bytes > 9 * meter.bytes / 9 * 5  # > 5 tensors of x's size per block
-    with SavedTensorMeter() as with_params:  # parameters counted when not excluded
-        _plain(blocks, x, None)
-    assert with_params.bytes > plain.bytes
+        out, saved = _saved_storages(lambda s=segments: checkpoint_sequential(blocks, s, x),
+                                     blocks.parameters())
+        assert len(saved) == segments  # the input of every segment, nothing else
+        assert sum(st.nbytes() for st in saved) == segments * x_bytes
+        out.sum().backward()  # the graph is still usable
+
+
+def test_checkpointing_lowers_the_peak_of_a_training_step():
+    blocks = _stack(9, d=12, dtype=torch.float32).eval()  # no dropout: same work both ways
+    x = torch.randn(4, 7, 12, requires_grad=True)
+    peaks = {}
+    for segments in (None, 3):
+        with PeakMemory("cpu") as mem:
+            out = (_plain(blocks, x, None) if segments is None
+                   else checkpoint_sequential(blocks, segments, x))
+            out.sum().backward()
+            del out
+        peaks[segments] = mem.peak_bytes
+        blocks.zero_grad(set_to_none=True)
+    assert peaks[3] < 0.75 * peaks[None]
 
 
 def test_segment_sizes():

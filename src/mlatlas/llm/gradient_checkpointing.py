@@ -13,8 +13,8 @@ the segment without building a graph and saves only its inputs, and whose backwa
 segment — with the CPU/CUDA random state of the forward restored, so dropout draws the same
 mask — and differentiates it. :func:`enable_checkpointing` installs it on
 :class:`mlatlas.llm.llama.Llama` through ``model.layer_runner`` (a plain callable, so the state
-dict is unchanged). :class:`SavedTensorMeter` measures activation memory exactly: the bytes of
-the distinct storages autograd saves for backward.
+dict is unchanged). The memory it saves is measured with :class:`mlatlas.measure.PeakMemory`
+(the experiment ``mlatlas.experiments.llm.gradient_checkpointing``).
 
 =======  ==========================================================
 ``n``    number of layers (blocks)
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SavedTensorMeter", "checkpoint", "checkpoint_sequential", "disable_checkpointing",
+__all__ = ["checkpoint", "checkpoint_sequential", "disable_checkpointing",
            "enable_checkpointing", "segment_sizes"]
 
 
@@ -261,47 +261,3 @@ def enable_checkpointing(model: nn.Module, policy: str = "sqrt", k: int | None =
 def disable_checkpointing(model: nn.Module) -> None:
     """Undo :func:`enable_checkpointing`: plain loop over the layers again."""
     model.layer_runner = None
-
-
-class SavedTensorMeter:
-    """Count the bytes autograd saves for backward inside a ``with`` block.
-
-    Every tensor that an autograd node saves passes through
-    ``torch.autograd.graph.saved_tensors_hooks``; the meter records the distinct storages
-    (views and repeated saves of one storage count once) and sums their sizes. Storages of the
-    ``exclude`` tensors (the parameters: they are not activations) are left out.
-
-    Args:
-        exclude: Tensors whose storages are not counted (typically ``model.parameters()``).
-
-    Attributes:
-        bytes: Total bytes of the distinct saved storages.
-        count: Number of distinct saved storages.
-    """
-
-    def __init__(self, exclude: Iterable[Tensor] = ()):
-        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self._storages: dict[int, Any] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self._exclude and storage.nbytes() > 0:
-            self._storages.setdefault(ptr, storage)  # keeps it alive: no pointer reuse
-        return t
-
-    @property
-    def bytes(self) -> int:
-        return sum(s.nbytes() for s in self._storages.values())
-
-    @property
-    def count(self) -> int:
-        return len(self._storages)
-
-    def __enter__(self) -> SavedTensorMeter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)

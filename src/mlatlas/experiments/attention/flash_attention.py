@@ -8,21 +8,19 @@ backend). ``bench`` sweeps N on the CPU (memory and time, ours vs SDPA math/defa
 naive) and, when CUDA is available, measures TFLOP/s of the Triton kernels against SDPA's
 flash backend and naive attention.
 
-How memory is measured (deterministic, allocator-independent): a ``TorchDispatchMode``
-(:class:`LiveTensorBytes`) sees every ATen op run inside the measured region, including the
-custom autograd backward; every fresh output storage is added to a running total and removed
-when its storage dies (checked through a storage weak reference before each op). The peak of
-that total is the memory the call needs on top of its inputs ``q, k, v, dO`` (which exist
-before). Views and in-place outputs (schema alias annotations) are not new memory. Buffers a
-fused C++ kernel allocates internally are invisible to it, so SDPA's fused CPU kernel is timed
-but not memory-measured; SDPA's math backend is composite and fully visible.
+How memory is measured (deterministic, allocator-independent): :class:`mlatlas.measure.PeakMemory`
+on the CPU sees every ATen op run inside the measured region, including the custom autograd
+backward; every fresh output storage is added to a running total and removed when its storage
+dies. The peak of that total is the memory the call needs on top of its inputs ``q, k, v, dO``
+(which exist before). Views and in-place outputs are not new memory. Buffers a fused C++
+kernel allocates internally are invisible to it, so SDPA's fused CPU kernel is timed but not
+memory-measured; SDPA's math backend is composite and fully visible. Times come from
+:func:`mlatlas.measure.compare_times` (interleaved, after warm-up, median).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -32,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlatlas.attention.flash import flash_attention
 from mlatlas.attention.reference import naive_attention
+from mlatlas.measure import PeakMemory, compare_times, loglog_slope
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
 
@@ -60,68 +58,27 @@ class Config:
     gpu_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)  # bench GPU sweep
     gpu_tokens: int = 16384  # GPU batch = gpu_tokens // N (at least 1)
     gpu_model_dim: int = 2048  # GPU heads = gpu_model_dim // head_dim
+    gpu_repeats: int = 5  # timed repeats per GPU setting after one warm-up
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """Tiny sizes, for tests (the bench sweeps N ≤ 1024 once; GPU N ≤ 2048)."""
+        return cls(parity_len_q=37, parity_len_k=41, head_dim=32, block=128,
+                   mem_lengths=(256, 1024), claim_len=1024, time_len=256, repeats=1,
+                   bench_mem_lengths=(256, 1024), bench_time_lengths=(256,),
+                   gpu_lengths=(1024, 2048), gpu_tokens=4096, gpu_repeats=1)
 
 
 # ----------------------------------------------------------------------------- memory
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created while the mode is active (see module doc)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}  # storage weak-ref handle → bytes
-        self.current = 0
-        self.peak = 0
-        self._aliases: dict[object, tuple[bool, ...]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        expired = torch.UntypedStorage._expired
-        for key in [key for key in self.live if expired(key)]:
-            self.current -= self.live.pop(key)
-            torch.UntypedStorage._free_weak_ref(key)
-        alias = self._aliases.get(func)
-        if alias is None:  # outputs that are views of / written into an input are not new
-            alias = tuple(r.alias_info is not None for r in func._schema.returns)
-            self._aliases[func] = alias
-        for t, aliased in zip(out if isinstance(out, (tuple, list)) else (out,), alias):
-            if aliased or not isinstance(t, Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage._weak_ref()
-            if key in self.live:
-                torch.UntypedStorage._free_weak_ref(key)
-            else:
-                self.live[key] = storage.nbytes()
-                self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
-    def __exit__(self, *exc):
-        for key in self.live:
-            torch.UntypedStorage._free_weak_ref(key)
-        self.live.clear()
-        return super().__exit__(*exc)
-
-
 def peak_bytes(fn: Attn, q: Tensor, k: Tensor, v: Tensor, do: Tensor) -> dict[str, float]:
-    """Peak new-tensor bytes of ``fn`` forward, and of forward + backward, plus saved bytes."""
+    """Peak new-tensor bytes of ``fn`` forward, and of forward + backward (PeakMemory)."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
-    saved: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    mode = LiveTensorBytes()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
+    with PeakMemory(q.device) as mem:
         out = fn(q, k, v)
-        fwd = mode.peak
+        fwd = mem.peak_bytes
         out.backward(do)
         del out
-    return {"fwd": float(fwd), "fwd_bwd": float(mode.peak), "saved": float(sum(saved.values()))}
+    return {"fwd": float(fwd), "fwd_bwd": float(mem.peak_bytes)}
 
 
 def _sdpa_math(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
@@ -164,34 +121,27 @@ def _parity(cfg: Config, gen: torch.Generator) -> float:
 # ----------------------------------------------------------------------------- timing
 def _median_times(fns: dict[str, Attn], q: Tensor, k: Tensor, v: Tensor, do: Tensor,
                   repeats: int, backward: bool) -> dict[str, float]:
-    """Interleaved: one warm-up each, then ``repeats`` rounds over all methods; medians."""
-    sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    """Median seconds of each method (:func:`compare_times`: one warm-up, interleaved)."""
     leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
-    for rep in range(repeats + 1):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            out = fn(*leaves)
-            if backward:
-                out.backward(do)
-            sync()
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-            del out
-            for t in leaves:
-                t.grad = None
-    return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def call(fn: Attn) -> None:
+        out = fn(*leaves)
+        if backward:
+            out.backward(do)
+        del out
+        for t in leaves:
+            t.grad = None
+
+    t = compare_times({name: partial(call, fn) for name, fn in fns.items()},
+                      repeats=repeats, warmup=1)
+    return {name: timing.median_s for name, timing in t.items()}
 
 
 # ----------------------------------------------------------------------------- run
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
     """Parity with SDPA (claim 1) and peak memory at N = 8192 vs materialised (claim 2)."""
     rep = Report()
     gen = torch.Generator().manual_seed(cfg.seed)
-    if smoke:
-        cfg = Config(seed=cfg.seed, parity_len_q=37, parity_len_k=41, head_dim=32, block=128,
-                     mem_lengths=(256, 1024), claim_len=1024, time_len=256, repeats=1)
     err = _parity(cfg, gen)
     rep.claim("max |ours − SDPA| over out, dq, dk, dv (fp32)", err, 1e-5, "<=",
               detail=f"Nq={cfg.parity_len_q}, Nk={cfg.parity_len_k}, D={cfg.head_dim}, "
@@ -206,7 +156,6 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
         for tag, m in (("ours", mine), ("materialised", mat)):
             rep.metric(f"peak MiB fwd+bwd, {tag}, N={n}", m["fwd_bwd"] / 2**20)
             rep.metric(f"peak MiB fwd, {tag}, N={n}", m["fwd"] / 2**20)
-            rep.metric(f"saved-for-backward MiB, {tag}, N={n}", m["saved"] / 2**20)
         if n == cfg.claim_len:
             rep.claim(f"peak memory ours / materialised at N={n} (fwd+bwd)",
                       mine["fwd_bwd"] / mat["fwd_bwd"], 0.1, "<=",
@@ -214,10 +163,9 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
                              f" MiB; B=H=1, D={cfg.head_dim}, fp32, block {cfg.block}")
             rep.metric(f"peak memory ratio fwd only, N={n}", mine["fwd"] / mat["fwd"])
     if len(cfg.mem_lengths) >= 2:
-        n0, n1 = cfg.mem_lengths[0], cfg.mem_lengths[-1]
         for name, ys in mems.items():
             rep.metric(f"memory growth exponent ({name})",
-                       math.log(ys[-1] / ys[0]) / math.log(n1 / n0))
+                       loglog_slope(list(cfg.mem_lengths), ys))
     with figure(out / "peak_memory.png") as (_, ax):
         curves(ax, mems, x=list(cfg.mem_lengths), xlabel="sequence length N",
                ylabel="peak MiB, forward + backward", logx=True, logy=True,
@@ -228,8 +176,9 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     t = _median_times(fns, q, k, v, do, cfg.repeats, backward=True)
     for name in ("sdpa_math", "sdpa_default"):
         rep.metric(f"time ours / {name}, fwd+bwd, N={cfg.time_len}", t["ours"] / t[name])
-    rep.note("Memory = peak bytes of tensors created inside forward+backward (TorchDispatchMode "
-             "accounting of live storages, inputs q, k, v, dO excluded); see the module doc.")
+    rep.note("Memory = peak bytes of tensors created inside forward+backward "
+             "(mlatlas.measure.PeakMemory: live aten storages, inputs q, k, v, dO excluded); see "
+             "the module doc.")
     rep.note("Time ratios are wall-clock medians on this CPU (reported, not claimed): the "
              "pure-PyTorch tiles pay Python overhead per tile; SDPA's default CPU backend is a "
              "fused C++ flash kernel.")
@@ -242,6 +191,10 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
 def _flops(b: int, h: int, n: int, d: int, causal: bool, backward: bool) -> float:
     f = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)  # QKᵀ and PV: 2 matmuls × 2 flop
     return f * 3.5 if backward else f  # backward = 2.5 × forward (5 matmuls instead of 2)
+
+
+_GPU_CLAIM = ("Triton / SDPA flash backend TFLOP/s (geometric mean over dtype, D, causal, N, "
+              "fwd and fwd+bwd)")
 
 
 def _bench_gpu(cfg: Config, rep: Report) -> None:
@@ -268,11 +221,11 @@ def _bench_gpu(cfg: Config, rep: Report) -> None:
                             a, bb, c, causal=causal)
                     for backward in (False, True):
                         try:
-                            t = _median_times(fns, q, k, v, do, 5, backward)
+                            t = _median_times(fns, q, k, v, do, cfg.gpu_repeats, backward)
                         except torch.OutOfMemoryError:
                             fns.pop("naive", None)
                             torch.cuda.empty_cache()
-                            t = _median_times(fns, q, k, v, do, 5, backward)
+                            t = _median_times(fns, q, k, v, do, cfg.gpu_repeats, backward)
                         fl = _flops(b, h, n, d, causal, backward)
                         tag = (f"{str(dtype)[6:]} D={d} {'causal' if causal else 'full'} N={n} "
                                f"{'fwd+bwd' if backward else 'fwd'}")
@@ -282,8 +235,7 @@ def _bench_gpu(cfg: Config, rep: Report) -> None:
                         rows.append(f"{tag}: " + ", ".join(
                             f"{name} {fl / sec / 1e12:.1f}" for name, sec in t.items()))
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    rep.claim("Triton / SDPA flash TFLOP/s (geometric mean over dtype, D, causal, N, fwd and "
-              "fwd+bwd)", geo, 0.9, ">=", unit="x",
+    rep.claim(_GPU_CLAIM, geo, 0.9, ">=", unit="x",
               detail=f"min {min(ratios):.2f}x over {len(ratios)} settings on "
                      f"{torch.cuda.get_device_name(0)}")
     rep.note("GPU TFLOP/s (triton, SDPA flash, naive): " + "; ".join(rows))
@@ -331,7 +283,8 @@ def bench(cfg: Config, out: Path) -> Report:
     if torch.cuda.is_available():
         _bench_gpu(cfg, rep)
     else:
-        rep.note("No CUDA device: the GPU part (Triton vs SDPA flash TFLOP/s, fp16/bf16, D 64/128,"
-                 " N 1k-16k) was NOT measured; the Triton kernels were only checked for "
-                 "correctness in Triton's interpreter.")
+        rep.not_measured(_GPU_CLAIM, 0.9, ">=", unit="x",
+                         reason="no CUDA device: the GPU part (Triton vs SDPA flash TFLOP/s, "
+                                "fp16/bf16, D 64/128, N 1k-16k) needs one; the Triton kernels "
+                                "were only checked for correctness in Triton's interpreter")
     return rep

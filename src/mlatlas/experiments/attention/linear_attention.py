@@ -9,9 +9,6 @@ state equals the causal parallel form) and times a short length sweep against
 from __future__ import annotations
 
 import math
-import statistics
-import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,13 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from mlatlas.attention.linear import LinearAttentionState, get_feature_map, linear_attention
+from mlatlas.measure import PeakMemory, compare_times, loglog_slope
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -44,6 +39,12 @@ class Config:
     materialised_max: int = 8192  # largest N for the materialised-softmax memory baseline
     repeats: int = 3  # timed repeats per (method, N) after one warm-up; median reported
     threads: int = 0  # torch intra-op threads while timing; 0 keeps torch's default
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """Tiny sizes, for tests (the bench sweeps N ≤ 256 once)."""
+        return cls(parity_len=37, parity_dim=8, chunk_size=16, run_lengths=(64, 128, 256),
+                   bench_lengths=(64, 128, 256), materialised_max=256, repeats=1)
 
 
 # ----------------------------------------------------------------------------- parity
@@ -98,37 +99,26 @@ def _materialised(q, k, v, causal):
     return s.softmax(-1) @ v
 
 
-def _time_pair(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Warm up each, then interleave ``repeats`` timings; return the medians (seconds)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def _inference(fn: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode():
+            return fn()
+    return call
 
 
 def _sweep(cfg: Config, lengths: tuple[int, ...], gen: torch.Generator,
            causal: bool) -> dict[str, list[float]]:
+    """Median seconds per forward of softmax SDPA and ours at each N (interleaved)."""
     res: dict[str, list[float]] = {"softmax SDPA": [], "linear (ours)": []}
-    with torch_threads(cfg.threads):
-        return _sweep_inner(cfg, lengths, gen, causal, res)
-
-
-def _sweep_inner(cfg: Config, lengths: tuple[int, ...], gen: torch.Generator, causal: bool,
-                 res: dict[str, list[float]]) -> dict[str, list[float]]:
     for n in lengths:
         q, k, v = (torch.randn(cfg.batch, cfg.heads, n, cfg.head_dim, generator=gen)
                    for _ in range(3))
-        t = _time_pair({"softmax SDPA": partial(_softmax_sdpa, q, k, v, causal),
-                        "linear (ours)": partial(_ours, q, k, v, causal, cfg.chunk_size)},
-                       cfg.repeats)
+        t = compare_times({
+            "softmax SDPA": _inference(partial(_softmax_sdpa, q, k, v, causal)),
+            "linear (ours)": _inference(partial(_ours, q, k, v, causal, cfg.chunk_size)),
+        }, repeats=cfg.repeats, warmup=1)
         for name in res:
-            res[name].append(t[name])
+            res[name].append(t[name].median_s)
     return res
 
 
@@ -144,64 +134,25 @@ def _crossover(lengths: tuple[int, ...], soft: list[float], lin: list[float]) ->
     return float("nan")
 
 
-def _slope(lengths, times) -> float:
-    xs = [math.log(n) for n in lengths]
-    ys = [math.log(t) for t in times]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
-
 # ----------------------------------------------------------------------------- memory
-class _TensorBytes(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages that aten ops allocate inside the mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen or any(
-                    isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == key
-                    for a in tree_flatten((args, kwargs))[0]):
-                continue  # a view or an in-place result: no new memory
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._free, key, nbytes)
-        return out
-
-
 def _peak_tensor_bytes(fn: Callable[[], object]) -> float:
     """Peak bytes of tensors alive at once among those ``fn`` allocates (output included).
 
-    Counted at the dispatcher: every aten op's new output storage until it is freed. Scratch
-    memory inside a fused kernel (e.g. SDPA's per-thread tiles) is not visible.
+    :class:`mlatlas.measure.PeakMemory` on the CPU: every aten op's new output storage until
+    it is freed. Scratch memory inside a fused kernel (e.g. SDPA's per-thread tiles) is not
+    visible.
     """
-    with torch.inference_mode(), _TensorBytes() as mode:
+    with torch.inference_mode(), PeakMemory("cpu") as mem:
         out = fn()
-        peak = mode.peak
     del out
-    return float(peak)
+    return float(mem.peak_bytes)
 
 
 # ----------------------------------------------------------------------------- entry points
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
+def run(cfg: Config, out: Path) -> Report:
+    """Parity with the quadratic form and recurrent decoding; a short timing sweep."""
     rep = Report()
     gen = torch.Generator().manual_seed(cfg.seed)
-    if smoke:
-        cfg = Config(seed=cfg.seed, parity_len=37, parity_dim=8, chunk_size=16,
-                     run_lengths=(64, 128, 256), repeats=1)
     for name, err in _parity(cfg, gen).items():
         rep.claim(name, err, 1e-5, op="<=", detail="fp32 ours vs fp64 quadratic reference")
     lengths = cfg.run_lengths
@@ -213,8 +164,8 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
     rep.metric(f"causal speedup vs SDPA @N={lengths[-1]}",
                curves_c["softmax SDPA"][-1] / curves_c["linear (ours)"][-1])
     rep.metric("crossover N (non-causal)", _crossover(lengths, soft, lin))
-    rep.metric("softmax time slope (log t vs log N)", _slope(lengths[-3:], soft[-3:]))
-    rep.claim("linear time: slope of log t vs log N (3 longest)", _slope(lengths[-3:], lin[-3:]),
+    rep.metric("softmax time slope (log t vs log N)", loglog_slope(lengths[-3:], soft[-3:]))
+    rep.claim("linear time: slope of log t vs log N (3 longest)", loglog_slope(lengths[-3:], lin[-3:]),
               1.3, op="<=", detail="O(N) predicts 1; softmax predicts 2")
     with figure(out / "time_vs_n.png") as (_, ax):
         curves(ax, {**{f"{k}": v for k, v in curves_nc.items()},
@@ -222,7 +173,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
                xlabel="sequence length N", ylabel="seconds (median)", logx=True, logy=True,
                title=f"B={cfg.batch} H={cfg.heads} d={cfg.head_dim}, fp32 CPU")
     rep.figure(out / "time_vs_n.png")
-    rep.metric("torch threads while timing", cfg.threads or torch.get_num_threads())
+    rep.metric("torch threads while timing", torch.get_num_threads())
     rep.note("The ≥ 5× at N=16k speed claim is measured by `mlatlas bench linear-attention`. "
              "On a loaded machine, multi-threaded timings of many small ops (ours) suffer more "
              "from OpenMP wake-ups than one fused SDPA call: `--set threads=1` is steadier.")
@@ -230,6 +181,7 @@ def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
 
 
 def bench(cfg: Config, out: Path) -> Report:
+    """The full length sweep to N = 16k: time (the ≥ 5× claim) and peak tensor memory."""
     rep = Report()
     gen = torch.Generator().manual_seed(cfg.seed)
     lengths = cfg.bench_lengths
@@ -241,7 +193,7 @@ def bench(cfg: Config, out: Path) -> Report:
         rep.metric(f"time softmax SDPA @N={n} [s]", s)
         rep.metric(f"time linear @N={n} [s]", li)
         rep.metric(f"causal speedup vs SDPA @N={n}", sc / lc)
-    rep.metric("torch threads while timing", cfg.threads or torch.get_num_threads())
+    rep.metric("torch threads while timing", torch.get_num_threads())
     rep.claim(f"speedup vs softmax SDPA @N={lengths[-1]} (non-causal)", soft[-1] / lin[-1], 5.0,
               op=">=", unit="x", detail=f"median of {cfg.repeats}, interleaved, after warm-up")
     rep.metric("crossover N (non-causal)", _crossover(lengths, soft, lin))

@@ -33,9 +33,9 @@ from mlatlas.attention.performer import (
     gaussian_projection,
     positive_random_features,
 )
+from mlatlas.measure import loglog_slope
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
-from mlatlas.runtime import torch_threads
 
 
 @dataclass
@@ -56,11 +56,10 @@ class Config:
     slope_tolerance: float = 0.2  # claim: |fitted slope + 1| <= this (fixed a priori)
     threads: int = 1  # torch intra-op threads (tiny tensors gain nothing from more); 0: default
 
-
-def _fit_slope(xs: list[float], ys: list[float]) -> float:
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few draws, for tests: m ∈ {16, 32, 64}, 2 draws, N = 16, 200 kernel draws."""
+        return cls(features=cls.features[:3], draws=2, kernel_draws=200, seq_len=16)
 
 
 def _kernel_bias(cfg: Config, gen: torch.Generator, orthogonal: bool) -> dict[str, list[float]]:
@@ -103,18 +102,11 @@ def _mse_curve(cfg: Config, gen: torch.Generator, std: float, orthogonal: bool, 
     return mses
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    with torch_threads(cfg.threads):
-        return _run(cfg, out, smoke)
-
-
-def _run(cfg: Config, out: Path, smoke: bool) -> Report:
+def run(cfg: Config, out: Path) -> Report:
+    """Unbiasedness of the kernel estimate, the 1/m error law, orthogonal vs i.i.d."""
     rep = Report()
     gen = torch.Generator().manual_seed(cfg.seed)
-    features = cfg.features[:3] if smoke else cfg.features
-    draws = 2 if smoke else cfg.draws
-    if smoke:
-        cfg = Config(**{**cfg.__dict__, "kernel_draws": 200, "seq_len": 16})
+    features, draws = cfg.features, cfg.draws
 
     # 1. Unbiasedness of the kernel estimate.
     kb = _kernel_bias(cfg, gen, orthogonal=True)
@@ -134,18 +126,18 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
     iid = _mse_curve(cfg, gen, cfg.input_std, False, False, features, draws)
     orth_c = _mse_curve(cfg, gen, cfg.input_std, True, True, features, draws)
     high = _mse_curve(cfg, gen, cfg.high_norm_std, True, False, features, draws)
-    slope = _fit_slope(list(features), orth)
+    slope = loglog_slope(list(features), orth)
     rep.metric("MSE slope vs m (orthogonal)", slope)
     rep.claim("error ∝ 1/m: |fitted log-log slope of MSE vs m + 1| (orthogonal)",
-              abs(slope + 1.0), cfg.slope_tolerance, op="<=",
+              abs(slope + 1.0), cfg.slope_tolerance, op="<=", target_source="slope_tolerance",
               detail=f"slope {slope:.3f}; m = {features[0]}…{features[-1]}, {draws} draws each")
     upper = len(features) // 2
     rep.metric(f"MSE slope vs m for m >= {features[upper]} (orthogonal)",
-               _fit_slope(list(features[upper:]), orth[upper:]))
-    rep.metric("MSE slope vs m (i.i.d.)", _fit_slope(list(features), iid))
-    rep.metric("MSE slope vs m (orthogonal, causal)", _fit_slope(list(features), orth_c))
+               loglog_slope(list(features[upper:]), orth[upper:]))
+    rep.metric("MSE slope vs m (i.i.d.)", loglog_slope(list(features), iid))
+    rep.metric("MSE slope vs m (orthogonal, causal)", loglog_slope(list(features), orth_c))
     rep.metric(f"MSE slope vs m (orthogonal, input std {cfg.high_norm_std})",
-               _fit_slope(list(features), high))
+               loglog_slope(list(features), high))
     ratios = [o / i for o, i in zip(orth, iid)]
     for m, o, i, r in zip(features, orth, iid, ratios):
         rep.metric(f"MSE orthogonal @m={m}", o)

@@ -17,8 +17,13 @@ Measured, with targets fixed before running:
   norm over the training steps (after the first 10 %). Claim: NormAttention's ratio is no
   larger than vanilla linear attention's (ratio of ratios ≤ 1).
 * **Attention dilution** — the share of attention mass within ``|i − j| ≤ window`` in the lower
-  half of the layers on held-out sequences (uniform attention gives ``≈ (2·window+1)/N``).
-  Claim: TransNormer's lower layers keep at least twice the local share of the vanilla model's.
+  half of the layers on held-out sequences. DiagAttention only sees its block of ``b`` keys,
+  so its share is about ``N / b`` times the vanilla layer's by construction (uniform attention
+  over the block vs over the sequence); that raw ratio is reported as a metric. The claim
+  divides each share by the share of uniform attention over the keys the layer can see (its
+  *concentration*): TransNormer's lower layers concentrate at least as much as the vanilla
+  model's (ratio of concentrations ≥ 1), i.e. the trained blocks are local beyond what the
+  block mask alone gives.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import Tensor, nn
 from mlatlas.attention.transnormer import TransNormer
 from mlatlas.plots import curves, figure
 from mlatlas.report import Report
-from mlatlas.runtime import progress, torch_threads
+from mlatlas.runtime import progress
 from mlatlas.training_state import save_checkpoint
 
 _MODELS = ("linear", "norm", "transnormer")
@@ -57,6 +62,11 @@ class Config:
     window: int = 2  # locality window |i - j| <= window
     warmup_frac: float = 0.1  # fraction of first steps left out of the spike ratio
     threads: int = 1  # torch intra-op threads (tiny tensors gain nothing from more); 0: default
+
+    @classmethod
+    def smoke(cls) -> Config:
+        """A few steps, for tests."""
+        return cls(steps=8)
 
     @classmethod
     def full(cls) -> Config:
@@ -99,13 +109,22 @@ def _local_share(p: Tensor, window: int) -> float:
     return (p * near).sum(-1).mean().item()
 
 
-def _train(cfg: Config, kind: str, steps: int, smoke: bool) -> dict:
+def _uniform_share(n: int, window: int, block: int | None = None) -> float:
+    """Local share of uniform attention over all ``n`` keys, or over the ``block`` of each
+    query (DiagAttention's blocks ``⌊i/b⌋``, the last one shorter)."""
+    idx = torch.arange(n)
+    allowed = (torch.ones(n, n, dtype=torch.bool) if block is None
+               else idx[:, None] // block == idx[None, :] // block)
+    return _local_share(allowed.double() / allowed.sum(-1, keepdim=True), window)
+
+
+def _train(cfg: Config, kind: str) -> dict:
     torch.manual_seed(cfg.seed)  # same initial embeddings/head for every model
     model = _Model(cfg, _layer_types(kind, cfg.n_layers))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # same data order for every model
     norms, losses = [], []
-    for _ in progress(range(steps), steps, f"train {kind}", enabled=False if smoke else None):
+    for _ in progress(range(cfg.steps), cfg.steps, f"train {kind}"):
         x, y = _batch(cfg, gen)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
@@ -130,15 +149,10 @@ def _spike_ratio(norms: list[float], warmup_frac: float) -> float:
     return max(tail) / statistics.median(tail)
 
 
-def run(cfg: Config, out: Path, *, smoke: bool = False) -> Report:
-    with torch_threads(cfg.threads):
-        return _run(cfg, out, smoke)
-
-
-def _run(cfg: Config, out: Path, smoke: bool) -> Report:
+def run(cfg: Config, out: Path) -> Report:
+    """Train the three models; gradient spike ratios and attention locality."""
     rep = Report()
-    steps = 8 if smoke else cfg.steps
-    res = {kind: _train(cfg, kind, steps, smoke) for kind in _MODELS}
+    res = {kind: _train(cfg, kind) for kind in _MODELS}
     half = cfg.n_layers // 2
     for kind, r in res.items():
         rep.metric(f"{kind}: test accuracy", r["acc"])
@@ -158,12 +172,24 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
               f"norm {norm_ratio:.2f}, linear {lin_ratio:.2f}")
     tn_local = statistics.fmean(res["transnormer"]["local"][:half])
     lin_local = statistics.fmean(res["linear"]["local"][:half])
-    rep.claim("less dilution: local share TransNormer / vanilla linear (lower layers)",
-              tn_local / max(lin_local, 1e-12), 2.0, op=">=",
-              detail=f"share within |i−j| ≤ {cfg.window}: TransNormer {tn_local:.3f}, "
-              f"linear {lin_local:.3f}")
+    u_block = _uniform_share(cfg.seq_len, cfg.window, min(cfg.block_size, cfg.seq_len))
+    u_full = _uniform_share(cfg.seq_len, cfg.window)
+    rep.metric("uniform-in-block attention local share", u_block)
+    rep.metric("local share ratio TransNormer / vanilla linear (lower layers)",
+               tn_local / max(lin_local, 1e-12))
+    rep.metric("local share ratio of uniform attention, block / sequence (by construction)",
+               u_block / u_full)
+    tn_conc, lin_conc = tn_local / u_block, lin_local / u_full
+    rep.metric("TransNormer: local concentration, lower layers (share / uniform-in-block)",
+               tn_conc)
+    rep.metric("linear: local concentration, lower layers (share / uniform)", lin_conc)
+    rep.claim("less dilution beyond the block mask: local concentration TransNormer / vanilla "
+              "linear (lower layers)", tn_conc / max(lin_conc, 1e-12), 1.0, op=">=",
+              detail=f"share within |i−j| ≤ {cfg.window} ÷ that of uniform attention over the "
+              f"keys a layer sees: TransNormer {tn_local:.3f} / {u_block:.3f}, linear "
+              f"{lin_local:.3f} / {u_full:.3f}")
     save_checkpoint(out / "transnormer.safetensors", res["transnormer"]["model"],
-                    res["transnormer"]["opt"], step=steps)
+                    res["transnormer"]["opt"], step=cfg.steps)
     with figure(out / "training.png", ncols=2) as (_, axes):
         ax_g, ax_l = axes.flat
         curves(ax_g, {k: r["norms"] for k, r in res.items()}, xlabel="step",
@@ -176,8 +202,12 @@ def _run(cfg: Config, out: Path, smoke: bool) -> Report:
                xlabel="layer", ylabel=f"attention share within |i−j| ≤ {cfg.window}",
                title="attention dilution")
     rep.figure(out / "locality.png")
-    rep.note("DiagAttention keeps all of its mass inside its block by construction; the "
-             "locality claim measures how much of it the trained model puts within the window.")
+    rep.note("DiagAttention keeps all of its mass inside its block by construction, so its raw "
+             "local share is about N / block times the vanilla layer's before any training (the "
+             "'by construction' metric); the earlier claim on that raw ratio (≥ 2×) could not "
+             "fail and is now a metric. The claim divides each share by what uniform attention "
+             "over the visible keys gives, and asks whether the trained blocks are at least as "
+             "concentrated as the vanilla layers.")
     rep.note("Gradient spikes are measured as max/median of the global gradient norm over "
              "training. The paper's boundedness argument concerns ∂O/∂s_ij before the output "
              "normalisation; the RMSNorm that follows makes the layer invariant to a common "

@@ -26,6 +26,7 @@ the rest is cropped away.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,10 +92,10 @@ class DraftTree:
 
     @classmethod
     def chain(cls, length: int) -> DraftTree:
-        """``length`` drafted tokens in a row (one candidate per position)."""
+        """``length`` drafted tokens in a row (one candidate per position); shared, immutable."""
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise ValueError(f"length must be an int >= 0, got {length!r}")
-        return cls([(0,) * d for d in range(1, length + 1)])
+        return _chain(length)
 
     def __len__(self) -> int:
         return self.parent.numel()
@@ -111,6 +112,11 @@ class DraftTree:
 
     def __repr__(self) -> str:
         return f"DraftTree(nodes={len(self)}, max_depth={self.max_depth}, top_k={self.top_k()})"
+
+
+@functools.lru_cache(maxsize=64)
+def _chain(length: int) -> DraftTree:
+    return DraftTree([(0,) * d for d in range(1, length + 1)])
 
 
 @dataclass

@@ -46,6 +46,7 @@ from mlatlas.runtime import progress
 class Config:
     """Defaults are the embedded default run: ≤ 30 s on 2 CPU cores."""
 
+    threads: int = 1  # torch threads: batch-1 decoding of a tiny model gains nothing from more
     seed: int = 0  # seeds the heads' init and the training windows
     num_heads: int = 4  # K (the paper: 4–5)
     steps: int = 100  # AdamW steps on the heads (base frozen: Medusa-1)
@@ -77,7 +78,7 @@ class Config:
     @classmethod
     def full(cls) -> Config:
         """Longer training, a larger tree, more prompts."""
-        return cls(steps=600, tree_nodes=40, prompts=32, new_tokens=128)
+        return cls(steps=300, tree_nodes=40, prompts=16, new_tokens=128)
 
 
 def train_heads(cfg: Config, model: Llama, train: torch.Tensor) -> tuple[MedusaHeads,

@@ -39,6 +39,7 @@ from mlatlas.runtime import progress
 class Config:
     """Defaults are the embedded default run: ≤ 30 s on 2 CPU cores."""
 
+    threads: int = 1  # torch threads: batch-1 decoding of a tiny model gains nothing from more
     seed: int = 0  # seeds the modules' init and the training windows
     depth: int = 1  # D: extra tokens predicted (DeepSeek-V3: 1)
     variant: str = "sequential"  # "sequential" (DeepSeek-V3) or "parallel" (Gloeckle et al.)
@@ -63,7 +64,7 @@ class Config:
     @classmethod
     def full(cls) -> Config:
         """Two depths, longer training, more prompts."""
-        return cls(depth=2, steps=600, prompts=32, new_tokens=128)
+        return cls(depth=2, steps=400, prompts=16, new_tokens=128)
 
 
 def _modules(cfg: Config, model: Llama) -> MTPModules | ParallelMTPHeads:

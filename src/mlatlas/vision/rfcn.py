@@ -142,7 +142,9 @@ class RFCN(nn.Module):
         return losses
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
+    def forward(self, images: Tensor, box_voting: bool | None = None) -> list[dict[str, Tensor]]:
+        """Detections per image; ``box_voting`` overrides the config's switch."""
+        voting = self.cfg.box_voting if box_voting is None else box_voting
         feature = self.backbone(images)
         anchors = self.rpn.anchors(feature)
         logits, deltas = self.rpn(feature)
@@ -155,10 +157,10 @@ class RFCN(nn.Module):
         for props in proposals:
             p, b = probs[start:start + len(props)], boxes[start:start + len(props)]
             start += len(props)
-            out.append(self._detect(b, p))
+            out.append(self._detect(b, p, voting))
         return out
 
-    def _detect(self, boxes: Tensor, probs: Tensor) -> dict[str, Tensor]:
+    def _detect(self, boxes: Tensor, probs: Tensor, voting: bool) -> dict[str, Tensor]:
         """Per-class candidates above the threshold → NMS → (box voting) → top detections."""
         c = probs.shape[1]
         scores = probs.reshape(-1)
@@ -169,6 +171,6 @@ class RFCN(nn.Module):
         keep = batched_nms(cand, scores, labels, self.cfg.nms_threshold)
         keep = keep[:self.cfg.detections_per_image]
         kept = cand[keep]
-        if self.cfg.box_voting:
+        if voting:
             kept = box_voting(kept, labels[keep], cand, scores, labels)
         return {"boxes": kept, "scores": scores[keep], "labels": labels[keep]}

@@ -104,12 +104,7 @@ def _lr(cfg: Config, step: int) -> float:
 
 def _detect(model: RFCN, images: torch.Tensor, voting: bool) -> list[dict]:
     model.eval()
-    old = model.cfg
-    model.cfg = RFCNConfig(**{**old.__dict__, "box_voting": voting})
-    try:
-        return [d for i in range(0, len(images), 50) for d in model(images[i:i + 50])]
-    finally:
-        model.cfg = old
+    return [d for i in range(0, len(images), 50) for d in model(images[i:i + 50], voting)]
 
 
 def _cocoeval_map50(test, dets) -> float | None:

@@ -70,6 +70,19 @@ def test_deterministic_algorithms_restores_every_switch():
             torch.is_deterministic_algorithms_warn_only_enabled()) == before
 
 
+def test_an_unneeded_switch_costs_nothing():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from mlatlas import runtime\n"
+            "with runtime.deterministic_algorithms(False): pass\n"
+            "print('torch._inductor.config' in sys.modules, runtime.needs_deterministic_switch())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # nothing to change → torch's switch (and its inductor import) is not touched
+    assert out.stdout.split()[0] == "False"
+    assert out.stdout.split()[1] == str(torch.cuda.is_available())
+
+
 def test_runner_restores_the_deterministic_switch(fake_method, tmp_path):
     from mlatlas import runner
 

@@ -13,11 +13,13 @@ experiment never asks which mode it is in.
 
 Around every run the runner seeds Python, NumPy and torch from ``cfg.seed``, pins torch's
 thread count to ``cfg.threads`` when the Config has that field (> 0), turns torch's
-deterministic algorithms on, and restores the thread count and the switch afterwards.
+deterministic algorithms on where CUDA is present (CPU kernels already are), and restores
+the thread count and the switch afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -295,7 +297,9 @@ def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
     threads = getattr(cfg, "threads", None)
     started = provenance()
     runtime.seed_everything(seed)
-    with runtime.torch_threads(threads), runtime.deterministic_algorithms(True):
+    determinism = (runtime.deterministic_algorithms(True) if runtime.needs_deterministic_switch()
+                   else contextlib.nullcontext())  # CPU kernels are deterministic already
+    with runtime.torch_threads(threads), determinism:
         start = time.perf_counter()
         if "smoke" in inspect.signature(fn).parameters:  # TODO(house-v2): drop once migrated
             report = fn(cfg, out, smoke=mode == "smoke")

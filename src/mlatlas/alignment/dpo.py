@@ -24,7 +24,7 @@ al. 2023, arXiv:2305.10425).
 
 The numbers are trl's (``trl.DPOTrainer``): its per-pair losses for ``sigmoid``, ``ipo``
 (with trl's per-token normalisation when completion lengths are given) and ``hinge``, its
-rewards ``β ρ`` (detached), and its summed completion log-probs. One difference: trl ≥ 1.x
+rewards ``β ρ`` (detached), and its summed completion log-probs. One difference: trl 1.16
 ignores ``label_smoothing`` in its ``sigmoid`` loss; here ``sigmoid`` with ``ε > 0`` is
 conservative DPO (trl computes that same formula in its ``aot`` loss, whose sort is the
 identity for one pair).

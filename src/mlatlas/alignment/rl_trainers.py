@@ -244,4 +244,4 @@ class PPOTrainer(_OnlineTrainer):
         return StepStats(reward=float(scores.mean()), loss=float(out.loss.detach()),
                          kl=self.mean_kl(old, ref, lp.mask), clip_fraction=float(out.clip_fraction),
                          completion_tokens=float(lp.mask.sum(-1).mean()),
-                         value_loss=float(out.value_loss))
+                         value_loss=float(out.value_loss.detach()))

@@ -281,7 +281,12 @@ class Llama(nn.Module):
         return self.norm(x).view(B, T, -1)
 
     def _rope_frequencies(self, position_ids: Tensor) -> Tensor:
-        """``θ`` for this call: dynamic and longrope RoPE depend on the longest position."""
+        """``θ`` for this call: dynamic and longrope RoPE depend on the longest position.
+
+        Computed per call from this call's positions. transformers' dynamic RoPE instead keeps
+        the frequencies of the longest input it has seen until an input shorter than ``L_max``
+        resets them; the two agree whenever lengths only grow (one forward, cached decoding).
+        """
         c = self.config
         if c.rope_scaling is None or c.rope_scaling["rope_type"] not in ("dynamic", "longrope"):
             return self.inv_freq

@@ -220,15 +220,26 @@ def bench(cfg: Config, out: Path) -> Report:
         return go
 
     ref = torchvision.ops.deform_conv2d
+    threads = torch.get_num_threads()
     for label, wrap in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        t = compare_times({"ours": wrap(deform_conv2d), "torchvision": wrap(ref)},
-                          repeats=cfg.bench_repeats, number=2, warmup=1)
-        ratio = t["ours"].median_s / t["torchvision"].median_s
-        rep.metric(f"{label}: ours [ms]", 1e3 * t["ours"].median_s)
-        rep.metric(f"{label}: torchvision C++ [ms]", 1e3 * t["torchvision"].median_s)
-        rep.claim(f"{label} time, ours / torchvision.ops.deform_conv2d (CPU)", ratio,
-                  cfg.target_speed_ratio, op="<=", unit="x", target_source="target_speed_ratio",
-                  detail=f"B, C, H, W = {cfg.bench_shape}, 3×3, padding 1; median of "
-                  f"{cfg.bench_repeats} interleaved rounds")
-    rep.metric("torch threads", torch.get_num_threads())
+        for n_threads in sorted({1, threads}, reverse=True):  # the run's threads, then 1
+            t = compare_times({"ours": wrap(deform_conv2d), "torchvision": wrap(ref)},
+                              repeats=cfg.bench_repeats, number=2, warmup=1, threads=n_threads)
+            ratio = t["ours"].median_s / t["torchvision"].median_s
+            tag = f"{label}, {n_threads} thread{'s' if n_threads > 1 else ''}"
+            rep.metric(f"{tag}: ours [ms]", 1e3 * t["ours"].median_s)
+            rep.metric(f"{tag}: torchvision C++ [ms]", 1e3 * t["torchvision"].median_s)
+            if n_threads != threads:
+                rep.metric(f"{tag}: ours / torchvision", ratio)
+                continue
+            rep.claim(f"{label} time, ours / torchvision.ops.deform_conv2d (CPU, {tag[len(label) + 2:]})",
+                      ratio, cfg.target_speed_ratio, op="<=", unit="x",
+                      target_source="target_speed_ratio",
+                      detail=f"B, C, H, W = {cfg.bench_shape}, 3×3, padding 1; median of "
+                      f"{cfg.bench_repeats} interleaved rounds")
+    rep.note("torchvision's CPU kernel fills its columns in a serial loop and multiplies with "
+             "one GEMM; ours is a handful of vectorised torch ops (gathers, products, an "
+             "einsum) that OpenMP spreads over the threads. On a machine shared with other "
+             "busy processes those multi-threaded small ops wait at every barrier, so the "
+             "1-thread ratio (a metric) is the steadier number there.")
     return rep

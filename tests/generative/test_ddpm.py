@@ -177,7 +177,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="beta_schedule must be one of"):
         DDPMScheduler(beta_schedule="quadratic")
     with pytest.raises(ValueError, match="variance_type must be one of"):
-        DDPMScheduler(variance_type="learned")
+        DDPMScheduler(variance_type="learned_log")
     with pytest.raises(TypeError, match="timesteps must be integers"):
         sched.add_noise(x, x, torch.tensor([0.5, 0.1]))
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):

@@ -16,8 +16,9 @@ x̂_0                   (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t                
 x_{t'}                 √ᾱ_{t'} x̂_0 + √(1−ᾱ_{t'}−σ_t²) ε̂ + σ_t z                  (eq. 12)
 =====================  ===================================================================
 
-:class:`DDIMScheduler` and :class:`DDIMInverseScheduler` follow the diffusers interface and
-are tested step by step against ``diffusers.DDIMScheduler`` / ``DDIMInverseScheduler``.
+:class:`DDIMScheduler` and :class:`DDIMInverseScheduler` follow the diffusers interface
+(``config``, ``from_config``, ``order``, ``step(...).prev_sample``) and are tested step by step
+against ``diffusers.DDIMScheduler`` / ``DDIMInverseScheduler`` and inside ``DDIMPipeline``.
 Like diffusers, the next timestep is ``t − ⌊T/n⌋`` (exact for ``"leading"`` and for
 ``"trailing"`` when n divides T); ``follow_schedule=True`` instead takes the next entry of
 ``timesteps``, which is what the paper's sub-sequence τ means for any spacing.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,19 +38,24 @@ from mlatlas.generative.noise_schedule import (
     SPACINGS,
     NoiseSchedule,
     SchedulerOutput,
+    dynamic_threshold,
     inference_timesteps,
     randn_like_diffusers,
 )
+from mlatlas.generative.scheduler_config import SchedulerConfigMixin
 
 __all__ = ["DDIMInverseScheduler", "DDIMScheduler", "ddim_invert", "ddim_sample"]
 
 
-class _DDIMBase(NoiseSchedule):
+class _DDIMBase(NoiseSchedule, SchedulerConfigMixin):
     def __init__(self, num_train_timesteps: int, beta_start: float, beta_end: float,
-                 beta_schedule: str, clip_sample: bool, set_alpha_to_one: bool,
-                 steps_offset: int, prediction_type: str, clip_sample_range: float,
-                 timestep_spacing: str, spacings: tuple[str, ...]):
-        super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end)
+                 beta_schedule: str, trained_betas: np.ndarray | list[float] | None,
+                 clip_sample: bool, set_alpha_to_one: bool, steps_offset: int,
+                 prediction_type: str, thresholding: bool, dynamic_thresholding_ratio: float,
+                 clip_sample_range: float, sample_max_value: float, timestep_spacing: str,
+                 rescale_betas_zero_snr: bool, spacings: tuple[str, ...]):
+        super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end,
+                         trained_betas, rescale_betas_zero_snr)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
                              f"{prediction_type!r}")
@@ -57,6 +64,9 @@ class _DDIMBase(NoiseSchedule):
                              f"{timestep_spacing!r}")
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
+        self.thresholding = thresholding
+        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
+        self.sample_max_value = sample_max_value
         self.set_alpha_to_one = set_alpha_to_one
         self.steps_offset = steps_offset
         self.prediction_type = prediction_type
@@ -82,6 +92,8 @@ class _DDIMBase(NoiseSchedule):
                              f"({self.timesteps.tolist()[:6]}…)")
 
     def _clip(self, x0: Tensor) -> Tensor:
+        if self.thresholding:
+            return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         if self.clip_sample:
             return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return x0
@@ -94,50 +106,84 @@ class DDIMScheduler(_DDIMBase):
         num_train_timesteps: T.
         beta_start: First β of the linear schedules.
         beta_end: Last β of the linear schedules.
-        beta_schedule: ``"linear"``, ``"scaled_linear"`` or ``"squaredcos_cap_v2"``.
+        beta_schedule: One of :data:`~mlatlas.generative.noise_schedule.BETA_SCHEDULES`.
+        trained_betas: Explicit β (overrides the schedule).
         clip_sample: Clamp x̂_0 to ``[−clip_sample_range, clip_sample_range]``.
         set_alpha_to_one: ᾱ after the last step is 1 (else ᾱ_0).
         steps_offset: Added to ``"leading"`` timesteps.
         prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
+        thresholding: Dynamic thresholding of x̂_0 (instead of ``clip_sample``).
+        dynamic_thresholding_ratio: Quantile of |x̂_0| used as the threshold.
         clip_sample_range: Clamp bound.
+        sample_max_value: Largest threshold.
         timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"``.
+        rescale_betas_zero_snr: Rescale β to zero terminal SNR (use with v-prediction).
         follow_schedule: Take the next timestep from ``timesteps`` instead of
             ``t − ⌊T/n⌋`` (diffusers' rule; they agree for "leading" and divisible "trailing").
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02, beta_schedule: str = "linear", clip_sample: bool = True,
+                 beta_end: float = 0.02, beta_schedule: str = "linear",
+                 trained_betas: np.ndarray | list[float] | None = None, clip_sample: bool = True,
                  set_alpha_to_one: bool = True, steps_offset: int = 0,
-                 prediction_type: str = "epsilon", clip_sample_range: float = 1.0,
-                 timestep_spacing: str = "leading", follow_schedule: bool = False):
-        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, clip_sample,
-                         set_alpha_to_one, steps_offset, prediction_type, clip_sample_range,
-                         timestep_spacing, SPACINGS)
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading",
+                 rescale_betas_zero_snr: bool = False, follow_schedule: bool = False):
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         clip_sample, set_alpha_to_one, steps_offset, prediction_type,
+                         thresholding, dynamic_thresholding_ratio, clip_sample_range,
+                         sample_max_value, timestep_spacing, rescale_betas_zero_snr, SPACINGS)
         self.follow_schedule = follow_schedule
+        self.custom_timesteps = False
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None
-                      ) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      device: str | torch.device | None = None,
+                      timesteps: list[int] | None = None) -> None:
         """Choose the descending timesteps of the sampling chain (``self.timesteps``).
 
+        Args:
+            num_inference_steps: Evenly spaced chain of this length (``timestep_spacing``).
+            device: Where ``self.timesteps`` lives.
+            timesteps: A custom strictly descending chain in ``[0, T)`` instead (the paper's
+                sub-sequence τ; each step lands on the next entry, then on ᾱ = 1).
+                ``diffusers.DDIMScheduler`` has no such argument.
+
         Raises:
-            ValueError: if ``num_inference_steps`` exceeds ``num_train_timesteps`` or is < 1.
+            ValueError: both or neither argument, ``num_inference_steps`` outside
+                ``[1, num_train_timesteps]``, custom timesteps not strictly descending.
         """
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(f"pass exactly one of num_inference_steps and timesteps, got "
+                             f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}")
+        if timesteps is not None:
+            ts = torch.as_tensor(np.asarray(timesteps)).reshape(-1)
+            if ts.numel() == 0 or ts.is_floating_point():
+                raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}")
+            if bool((ts[1:] >= ts[:-1]).any()):
+                raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
+            self.check_timesteps(ts)
+            self.timesteps = ts.to(torch.int64).to(device)
+            self.num_inference_steps = len(ts)
+            self.custom_timesteps = True
+            return
         self.timesteps = inference_timesteps(self.num_train_timesteps, num_inference_steps,
                                              self.timestep_spacing, self.steps_offset).to(device)
         self.num_inference_steps = num_inference_steps
+        self.custom_timesteps = False
 
     def previous_timestep(self, timestep: int | Tensor) -> int:
         """The timestep the step from ``timestep`` lands on (negative: the clean end)."""
         ratio = self._require_timesteps()
         t = int(timestep)
-        if not self.follow_schedule:
+        if not (self.follow_schedule or self.custom_timesteps):
             return t - ratio
         idx = int((self.timesteps == t).nonzero(as_tuple=True)[0][0])
         return -1 if idx == len(self.timesteps) - 1 else int(self.timesteps[idx + 1])
 
     def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor,
-             eta: float = 0.0, use_clipped_model_output: bool = False,
+             eta: float = 0.0, use_clipped_model_output: bool | None = False,
              generator: torch.Generator | None = None, variance_noise: Tensor | None = None,
              return_dict: bool = True) -> SchedulerOutput | tuple[Tensor, Tensor]:
         """One DDIM step x_t → x_{t'} (eq. 12).
@@ -147,7 +193,8 @@ class DDIMScheduler(_DDIMBase):
             timestep: Current timestep t, one of ``self.timesteps``.
             sample: ``x_t``, ``[B, ...]``.
             eta: η ≥ 0: 0 deterministic, 1 the DDPM posterior variance.
-            use_clipped_model_output: Re-derive ε̂ from the clipped x̂_0 (GLIDE).
+            use_clipped_model_output: Re-derive ε̂ from the clipped x̂_0 (GLIDE); None (what
+                ``DDIMPipeline`` passes by default) means False.
             generator: Source of the noise z when η > 0.
             variance_noise: The noise z itself instead of drawing it (excludes ``generator``).
             return_dict: Return a :class:`SchedulerOutput` (else a tuple).
@@ -199,20 +246,23 @@ class DDIMScheduler(_DDIMBase):
 class DDIMInverseScheduler(_DDIMBase):
     """Deterministic DDIM run backwards: x_{t−⌊T/n⌋} → x_t, data → noise (DDIM inversion).
 
-    Same arguments as :class:`DDIMScheduler` (spacings ``"leading"`` and ``"trailing"``);
+    Same arguments as :class:`DDIMScheduler` (spacings ``"leading"`` and ``"trailing"``; no
+    thresholding, as in diffusers);
     ``timesteps`` ascend. ``step(ε̂, t, x)`` moves a sample at level ``t − ⌊T/n⌋`` (ᾱ = 1
     below 0 with ``set_alpha_to_one``) to level ``t``; as in diffusers' pipelines, callers
     evaluate the network at the target timestep ``t``.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                 beta_end: float = 0.02, beta_schedule: str = "linear", clip_sample: bool = True,
+                 beta_end: float = 0.02, beta_schedule: str = "linear",
+                 trained_betas: np.ndarray | list[float] | None = None, clip_sample: bool = True,
                  set_alpha_to_one: bool = True, steps_offset: int = 0,
                  prediction_type: str = "epsilon", clip_sample_range: float = 1.0,
-                 timestep_spacing: str = "leading"):
-        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, clip_sample,
-                         set_alpha_to_one, steps_offset, prediction_type, clip_sample_range,
-                         timestep_spacing, ("leading", "trailing"))
+                 timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
+        super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                         clip_sample, set_alpha_to_one, steps_offset, prediction_type, False,
+                         0.995, clip_sample_range, 1.0, timestep_spacing,
+                         rescale_betas_zero_snr, ("leading", "trailing"))
         self.initial_alpha_cumprod = self.final_alpha_cumprod
         self.timesteps = torch.arange(0, num_train_timesteps, dtype=torch.int64)
 

@@ -13,11 +13,13 @@ x_t                √ᾱ_t x_0 + √(1−ᾱ_t) ε,  ε ~ N(0, I)            (e
 x̂_0               (x_t − √(1−ᾱ_t) ε_θ) / √ᾱ_t  ``pred_original_sample``  (eq. 15)
 μ̃_t               posterior mean of q(x_{t−1} | x_t, x_0)                   (eq. 7)
 β̃_t               (1−ᾱ_{t−1})/(1−ᾱ_t) β_t  posterior variance ("fixed_small")
+v                  learned-range output: log σ² = ((v+1)/2) log β_t + (1−(v+1)/2) log β̃_t
 =================  ===============================================================
 
-:class:`DDPMScheduler` follows the diffusers scheduler interface (``set_timesteps``,
-``step(model_output, timestep, sample, generator=...)``, ``add_noise``) step for step, so it
-can be swapped into a diffusers pipeline and is tested against ``diffusers.DDPMScheduler``.
+:class:`DDPMScheduler` follows the diffusers scheduler interface (``config``, ``from_config``,
+``set_timesteps``, ``step(model_output, timestep, sample, generator=...)``, ``add_noise``)
+step for step, so it replaces ``diffusers.DDPMScheduler`` in a diffusers pipeline and is
+tested against it. The learned-range variance is Nichol & Dhariwal 2021 (eq. 15).
 Timesteps are integers in ``[0, T)``; networks receive ``t / T`` in [0, 1].
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,9 +36,11 @@ from mlatlas.generative.noise_schedule import (
     SPACINGS,
     NoiseSchedule,
     SchedulerOutput,
+    dynamic_threshold,
     inference_timesteps,
     randn_like_diffusers,
 )
+from mlatlas.generative.scheduler_config import SchedulerConfigMixin
 
 __all__ = [
     "VARIANCE_TYPES",
@@ -46,33 +51,47 @@ __all__ = [
     "predict_x0_eps",
 ]
 
-VARIANCE_TYPES: tuple[str, ...] = ("fixed_small", "fixed_small_log", "fixed_large")
+VARIANCE_TYPES: tuple[str, ...] = ("fixed_small", "fixed_small_log", "fixed_large", "learned",
+                                   "learned_range")
 
 
-class DDPMScheduler(NoiseSchedule):
+class DDPMScheduler(NoiseSchedule, SchedulerConfigMixin):
     """Ancestral sampler of DDPM with the diffusers scheduler interface.
 
     Args:
         num_train_timesteps: T.
         beta_start: First β of the linear schedules.
         beta_end: Last β of the linear schedules.
-        beta_schedule: ``"linear"``, ``"scaled_linear"`` or ``"squaredcos_cap_v2"`` (cosine).
+        beta_schedule: One of :data:`~mlatlas.generative.noise_schedule.BETA_SCHEDULES`.
+        trained_betas: Explicit β (overrides the schedule).
         variance_type: ``"fixed_small"`` (σ² = β̃_t), ``"fixed_small_log"`` (the same,
-            through the log) or ``"fixed_large"`` (σ² = β_t).
+            through the log), ``"fixed_large"`` (σ² = β_t), ``"learned"`` (the network's
+            second half of channels is σ²) or ``"learned_range"`` (it is v, see the table).
         clip_sample: Clamp x̂_0 to ``[−clip_sample_range, clip_sample_range]``.
         prediction_type: What the network outputs: ``"epsilon"``, ``"sample"`` (x_0) or
             ``"v_prediction"`` (v = √ᾱ ε − √(1−ᾱ) x_0).
+        thresholding: Dynamic thresholding of x̂_0 (instead of ``clip_sample``).
+        dynamic_thresholding_ratio: Quantile of |x̂_0| used as the threshold.
         clip_sample_range: Clamp bound.
+        sample_max_value: Largest threshold.
         timestep_spacing: See :func:`inference_timesteps`.
         steps_offset: Added to ``"leading"`` timesteps.
+        rescale_betas_zero_snr: Rescale β to zero terminal SNR.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                  beta_end: float = 0.02, beta_schedule: str = "linear",
+                 trained_betas: np.ndarray | list[float] | None = None,
                  variance_type: str = "fixed_small", clip_sample: bool = True,
-                 prediction_type: str = "epsilon", clip_sample_range: float = 1.0,
-                 timestep_spacing: str = "leading", steps_offset: int = 0):
-        super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end)
+                 prediction_type: str = "epsilon", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
+                 sample_max_value: float = 1.0, timestep_spacing: str = "leading",
+                 steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        super().__init__(num_train_timesteps, beta_schedule, beta_start, beta_end,
+                         trained_betas, rescale_betas_zero_snr)
+        if variance_type == "fixed_large_log":
+            raise ValueError("variance_type='fixed_large_log' is not supported: diffusers takes "
+                             "the square root of log β_t < 0 there (NaN noise)")
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got "
                              f"{variance_type!r}")
@@ -85,19 +104,48 @@ class DDPMScheduler(NoiseSchedule):
         self.variance_type = variance_type
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
+        self.thresholding = thresholding
+        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
+        self.sample_max_value = sample_max_value
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing
         self.steps_offset = steps_offset
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
+        self.custom_timesteps = False
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None
-                      ) -> None:
-        """Choose the ``num_inference_steps`` timesteps of the sampling chain (``self.timesteps``)."""
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      device: str | torch.device | None = None,
+                      timesteps: list[int] | None = None) -> None:
+        """Choose the timesteps of the sampling chain (``self.timesteps``).
+
+        Args:
+            num_inference_steps: Evenly spaced chain of this length (``timestep_spacing``).
+            device: Where ``self.timesteps`` lives.
+            timesteps: A custom strictly descending chain in ``[0, T)`` instead.
+
+        Raises:
+            ValueError: both or neither of ``num_inference_steps`` and ``timesteps``, custom
+                timesteps not strictly descending or outside ``[0, T)``.
+        """
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(f"pass exactly one of num_inference_steps and timesteps, got "
+                             f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}")
+        if timesteps is not None:
+            ts = torch.as_tensor(np.asarray(timesteps)).reshape(-1)
+            if ts.numel() == 0 or ts.is_floating_point():
+                raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}")
+            if bool((ts[1:] >= ts[:-1]).any()):
+                raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
+            self.check_timesteps(ts)
+            self.timesteps = ts.to(torch.int64).to(device)
+            self.custom_timesteps = True
+            return
         self.timesteps = inference_timesteps(self.num_train_timesteps, num_inference_steps,
                                              self.timestep_spacing, self.steps_offset).to(device)
         self.num_inference_steps = num_inference_steps
+        self.custom_timesteps = False
 
     def scale_model_input(self, sample: Tensor, timestep: int | None = None) -> Tensor:
         """Identity (DDPM feeds x_t to the network unscaled); part of the diffusers interface."""
@@ -106,7 +154,7 @@ class DDPMScheduler(NoiseSchedule):
     def previous_timestep(self, timestep: int | Tensor) -> int:
         """The timestep after ``timestep`` in the chain (−1 after the last)."""
         t = int(timestep)
-        if self.num_inference_steps is None:
+        if self.num_inference_steps is None and not self.custom_timesteps:
             return t - 1
         hits = (self.timesteps == t).nonzero(as_tuple=True)[0]
         if hits.numel() == 0:
@@ -121,7 +169,8 @@ class DDPMScheduler(NoiseSchedule):
         """One ancestral step x_t → x_{t'} (t' = the previous timestep of the chain).
 
         Args:
-            model_output: Network output at (``sample``, ``timestep``), shaped like ``sample``.
+            model_output: Network output at (``sample``, ``timestep``), shaped like ``sample``
+                (twice the channels for the learned variance types: output, then variance).
             timestep: Current integer timestep t (one of ``self.timesteps``).
             sample: ``x_t``, ``[B, ...]``.
             generator: Source of the step's Gaussian noise (none is drawn at t = 0).
@@ -134,6 +183,14 @@ class DDPMScheduler(NoiseSchedule):
             ValueError: for a timestep outside ``[0, T)`` or not in the schedule, or a
                 ``model_output`` whose shape differs from ``sample``'s.
         """
+        predicted_variance = None
+        if self.variance_type in ("learned", "learned_range"):
+            if (not isinstance(model_output, Tensor) or model_output.ndim < 2
+                    or model_output.shape[1] != 2 * sample.shape[1]):
+                raise ValueError(f"variance_type={self.variance_type!r} needs a model_output "
+                                 f"with 2×{sample.shape[1]} channels (output, variance), got "
+                                 f"{tuple(getattr(model_output, 'shape', ()))}")
+            model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
         t = self._check_step(model_output, timestep, sample)
         prev_t = self.previous_timestep(t)
         alpha_prod_t = self.alphas_cumprod[t]
@@ -144,7 +201,9 @@ class DDPMScheduler(NoiseSchedule):
         current_beta_t = 1 - current_alpha_t
 
         x0, _ = predict_x0_eps(model_output, sample, alpha_prod_t, self.prediction_type)
-        if self.clip_sample:
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        elif self.clip_sample:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         # eq. (7): μ̃_t = √ᾱ_{t'} β_t/(1−ᾱ_t) x̂_0 + √α_t (1−ᾱ_{t'})/(1−ᾱ_t) x_t
         x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
@@ -158,8 +217,14 @@ class DDPMScheduler(NoiseSchedule):
                 std = small ** 0.5
             elif self.variance_type == "fixed_small_log":
                 std = torch.exp(0.5 * torch.log(small))
-            else:
+            elif self.variance_type == "fixed_large":
                 std = current_beta_t ** 0.5
+            elif self.variance_type == "learned":
+                std = predicted_variance ** 0.5
+            else:  # learned_range, Nichol & Dhariwal eq. (15): interpolate log β̃_t … log β_t
+                frac = (predicted_variance + 1) / 2
+                std = torch.exp(0.5 * (frac * torch.log(current_beta_t)
+                                       + (1 - frac) * torch.log(small)))
             prev = prev + std * noise  # x_{t'} = μ̃_t + σ_t z
         if not return_dict:
             return prev, x0

@@ -4,7 +4,9 @@ Shared by every sampler of :mod:`mlatlas.generative` (DDPM, DDIM, guidance). A f
 chain q(x_t | x_{t-1}) = N(√(1−β_t) x_{t-1}, β_t I) turns data into noise in T steps; its
 marginal has the closed form q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), so training draws x_t in one
 step and regresses the added noise. Ho, Jain, Abbeel 2020, arXiv:2006.11239 (eqs. 4, 14); the
-cosine schedule is Nichol & Dhariwal 2021, arXiv:2102.09672 (eq. 17).
+cosine schedule is Nichol & Dhariwal 2021, arXiv:2102.09672 (eq. 17); zero terminal SNR is
+Lin et al. 2024, arXiv:2305.08891 (Alg. 1); dynamic thresholding is Saharia et al. 2022
+(Imagen), arXiv:2205.11487 (Sec. 2.3).
 
 =================  ===============================================================
 β_t, α_t = 1−β_t   per-step noise variance and its complement, t = 0 … T−1
@@ -31,13 +33,16 @@ __all__ = [
     "SPACINGS",
     "NoiseSchedule",
     "SchedulerOutput",
+    "dynamic_threshold",
     "epsilon_loss",
     "inference_timesteps",
     "make_betas",
     "randn_like_diffusers",
+    "rescale_zero_terminal_snr",
 ]
 
-BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine",
+                                   "sigmoid", "laplace")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 
@@ -45,6 +50,13 @@ SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 def _cosine_alpha_bar(u: float) -> float:
     # Nichol & Dhariwal eq. (17): ᾱ(u) = cos²((u + s)/(1 + s) · π/2), s = 0.008
     return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _laplace_alpha_bar(u: float) -> float:
+    # log-SNR λ(u) = −½ sign(½ − u) log(1 − 2|½ − u| + 1e-6), ᾱ = √(SNR / (1 + SNR))
+    lam = -0.5 * math.copysign(1, 0.5 - u) * math.log(1 - 2 * math.fabs(0.5 - u) + 1e-6)
+    snr = math.exp(lam)
+    return math.sqrt(snr / (1 + snr))
 
 
 def make_betas(num_train_timesteps: int = 1000, schedule: str = "linear",
@@ -56,7 +68,9 @@ def make_betas(num_train_timesteps: int = 1000, schedule: str = "linear",
         num_train_timesteps: T.
         schedule: ``"linear"`` (DDPM: β from ``beta_start`` to ``beta_end``),
             ``"scaled_linear"`` (linear in √β), or ``"squaredcos_cap_v2"``/``"cosine"``
-            (β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), ``max_beta``) with the cosine ᾱ).
+            (β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), ``max_beta``) with the cosine ᾱ), ``"sigmoid"``
+            (β = β_start + (β_end − β_start)·sigmoid(linspace(−6, 6, T))) or ``"laplace"``
+            (the ``max_beta``-capped ratio of a Laplace log-SNR ᾱ).
         beta_start: First β of the linear schedules.
         beta_end: Last β of the linear schedules.
         max_beta: Cap of the cosine schedule's β.
@@ -75,7 +89,43 @@ def make_betas(num_train_timesteps: int = 1000, schedule: str = "linear",
         betas = [min(1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), max_beta)
                  for i in range(T)]
         return torch.tensor(betas, dtype=torch.float32)
+    if schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, T)) * (beta_end - beta_start) + beta_start
+    if schedule == "laplace":
+        betas = [min(1 - _laplace_alpha_bar((i + 1) / T) / _laplace_alpha_bar(i / T), max_beta)
+                 for i in range(T)]
+        return torch.tensor(betas, dtype=torch.float32)
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """β rescaled so the last step has SNR 0 (ᾱ_{T−1} = 0), ᾱ_0 unchanged.
+
+    Lin et al. 2024, Alg. 1: shift √ᾱ so its last value is 0 and scale it back to √ᾱ_0, then
+    undo the cumulative product.
+    """
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # Alg. 1: √ᾱ_T → 0, √ᾱ_0 kept
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # undo Π
+    return 1 - alphas
+
+
+def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
+    """Imagen's dynamic thresholding of a predicted ``x̂_0`` ``[B, C, ...]``.
+
+    Per sample, s = the ``ratio`` quantile of |x̂_0| clamped to ``[1, max_value]``; x̂_0 is
+    clamped to ``[−s, s]`` and divided by s (s = 1 is plain clipping to [−1, 1]).
+    """
+    if x0.ndim < 2:
+        raise ValueError(f"thresholding needs a sample [B, C, ...], got shape {tuple(x0.shape)}")
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # quantile needs fp32/fp64
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)  # x̂_0 ← clip(x̂_0, ±s)/s
 
 
 def inference_timesteps(num_train_timesteps: int, num_inference_steps: int,
@@ -113,18 +163,49 @@ def inference_timesteps(num_train_timesteps: int, num_inference_steps: int,
 class SchedulerOutput:
     """What a scheduler ``step`` returns (the fields of diffusers' ``*SchedulerOutput``).
 
+    Also indexes and unpacks like diffusers' outputs (``out[0]``, ``prev, x0 = out``), over
+    the fields that are not None.
+
     Attributes:
         prev_sample: ``x_{t−1}`` (or the next sample of a shortened chain), like ``sample``.
-        pred_original_sample: ``x̂_0`` predicted at this step, like ``sample``.
+        pred_original_sample: ``x̂_0`` predicted at this step, like ``sample`` (None for
+            schedulers that do not predict it, e.g. flow-matching Euler).
     """
 
     prev_sample: Tensor
-    pred_original_sample: Tensor
+    pred_original_sample: Tensor | None = None
+
+    def to_tuple(self) -> tuple[Tensor, ...]:
+        """The fields that are set, in order (what ``return_dict=False`` returns)."""
+        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+
+    def __getitem__(self, key: int | str) -> Tensor:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self):  # noqa: ANN204 - unpacking like a tuple
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
 
 
-def randn_like_diffusers(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Gaussian noise drawn exactly as diffusers' ``randn_tensor`` draws it for one generator."""
+def randn_like_diffusers(shape: torch.Size, generator: torch.Generator | list | None,
+                         like: Tensor) -> Tensor:
+    """Gaussian noise drawn exactly as diffusers' ``randn_tensor`` draws it.
+
+    ``generator`` may be one generator or a list of one per batch row (each row drawn from
+    its own generator, as diffusers' pipelines do).
+    """
     device = like.device
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            generator = generator[0]
+        else:
+            if len(generator) != shape[0]:
+                raise ValueError(f"generator must be one generator or a list of {shape[0]} "
+                                 f"(one per batch row), got a list of {len(generator)}")
+            return torch.cat([randn_like_diffusers((1, *shape[1:]), g, like)
+                              for g in generator])
     if generator is not None and generator.device.type != device.type:
         return torch.randn(shape, generator=generator, device=generator.device,
                            dtype=like.dtype).to(device)
@@ -143,12 +224,25 @@ class NoiseSchedule:
         beta_schedule: See :func:`make_betas`.
         beta_start: First β of the linear schedules.
         beta_end: Last β of the linear schedules.
+        trained_betas: Explicit β_0 … β_{T−1} (overrides the schedule; length T).
+        rescale_betas_zero_snr: Rescale β to zero terminal SNR (:func:`rescale_zero_terminal_snr`).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
-                 beta_start: float = 1e-4, beta_end: float = 0.02):
+                 beta_start: float = 1e-4, beta_end: float = 0.02,
+                 trained_betas: Tensor | np.ndarray | list[float] | None = None,
+                 rescale_betas_zero_snr: bool = False):
         self.num_train_timesteps = num_train_timesteps
-        self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)
+        if trained_betas is not None:
+            betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64)).float()
+            if betas.shape != (num_train_timesteps,):
+                raise ValueError(f"trained_betas must hold num_train_timesteps="
+                                 f"{num_train_timesteps} values, got shape {tuple(betas.shape)}")
+            self.betas = betas
+        else:
+            self.betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # ᾱ_t
         self.one = torch.tensor(1.0)

@@ -5,8 +5,8 @@ scales (SMLD/NCSN): the predictor is the reverse-diffusion step
 ``x ← x + (σ_i² − σ_{i−1}²) s + √(σ_i² − σ_{i−1}²) z`` and the corrector a Langevin step with
 a step size set by a target signal-to-noise ratio. Method names, arguments and numbers follow
 ``diffusers.ScoreSdeVeScheduler`` (``set_timesteps``, ``set_sigmas``, ``step_pred``,
-``step_correct``, ``add_noise``), so a loop written for diffusers runs unchanged; the model
-output is the *score* ``∇ log p_σ(x)``.
+``step_correct``, ``add_noise``, ``config``/``from_config``, ``return_dict``), so a loop or
+pipeline written for diffusers runs unchanged; the model output is the *score* ``∇ log p_σ(x)``.
 
 Paper: Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole 2021, arXiv:2011.13456 (Alg. 2, 4).
 
@@ -27,6 +27,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from mlatlas.generative.noise_schedule import SchedulerOutput
+from mlatlas.generative.scheduler_config import SchedulerConfigMixin
 
 __all__ = ["ScoreSdeVeScheduler", "SdeVeStep"]
 
@@ -54,7 +57,7 @@ def _check_pair(model_output: object, sample: object) -> None:
                          f"got {tuple(model_output.shape)}")
 
 
-class ScoreSdeVeScheduler:
+class ScoreSdeVeScheduler(SchedulerConfigMixin):
     """VE-SDE predictor–corrector scheduler, numerically equal to diffusers' one.
 
     Args:
@@ -65,8 +68,6 @@ class ScoreSdeVeScheduler:
         sampling_eps: Final continuous time.
         correct_steps: Corrector steps per predictor step (read by sampling loops).
     """
-
-    order = 1
 
     def __init__(self, num_train_timesteps: int = 2000, snr: float = 0.15,
                  sigma_min: float = 0.01, sigma_max: float = 1348.0,
@@ -129,7 +130,8 @@ class ScoreSdeVeScheduler:
         return self.timesteps
 
     def step_pred(self, model_output: Tensor, timestep: float | Tensor, sample: Tensor,
-                  generator: torch.Generator | None = None) -> SdeVeStep:
+                  generator: torch.Generator | None = None, return_dict: bool = True
+                  ) -> SdeVeStep | tuple[Tensor, Tensor]:
         """Reverse-diffusion predictor from continuous time ``timestep``.
 
         Args:
@@ -137,9 +139,10 @@ class ScoreSdeVeScheduler:
             timestep: One of :attr:`timesteps` (a float in ``[0, 1]``).
             sample: ``[B, ...]`` current sample.
             generator: Draws the noise ``z``.
+            return_dict: Return a :class:`SdeVeStep` (else a plain tuple).
 
         Returns:
-            :class:`SdeVeStep`.
+            :class:`SdeVeStep` (``prev_sample``, ``prev_sample_mean``).
         """
         steps = self._require_timesteps()
         _check_pair(model_output, sample)
@@ -158,19 +161,23 @@ class ScoreSdeVeScheduler:
                             layout=sample.layout, device=sample.device)
         # x_{i−1} = x_i + g_i² s + g_i z  (reverse time: subtract the drift)
         mean = sample - drift
+        if not return_dict:
+            return mean + diffusion * noise, mean
         return SdeVeStep(mean + diffusion * noise, mean)
 
     def step_correct(self, model_output: Tensor, sample: Tensor,
-                     generator: torch.Generator | None = None) -> SdeVeStep:
+                     generator: torch.Generator | None = None, return_dict: bool = True
+                  ) -> SdeVeStep | tuple[Tensor, Tensor]:
         """Langevin corrector step at the current noise level.
 
         Args:
             model_output: ``[B, ...]`` score at ``sample``.
             sample: ``[B, ...]``.
             generator: Draws the noise ``z``.
+            return_dict: Return a :class:`SchedulerOutput` (else ``(prev_sample,)``).
 
         Returns:
-            :class:`SdeVeStep` (``prev_sample`` is the corrected sample).
+            ``prev_sample``: the corrected sample (as diffusers, no mean).
         """
         self._require_timesteps()
         _check_pair(model_output, sample)
@@ -184,7 +191,10 @@ class ScoreSdeVeScheduler:
         step = (step * torch.ones(b).to(sample.device)).reshape(-1, *([1] * (sample.ndim - 1)))
         # x ← x + ε s + √(2ε) z
         mean = sample + step * model_output
-        return SdeVeStep(mean + ((step * 2) ** 0.5) * noise, mean)
+        prev = mean + ((step * 2) ** 0.5) * noise
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``x + σ_i z`` for ladder indices ``timesteps [B]`` (int)."""

@@ -172,6 +172,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerConfigMixin):
         if cfg.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True "
                              "(the pipeline computes it from the image size), got None")
+        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
+            raise ValueError(f"sigmas and timesteps must have the same length, got "
+                             f"{len(sigmas)} and {len(timesteps)}")
         for name, given in (("sigmas", sigmas), ("timesteps", timesteps)):
             if given is None:
                 continue
@@ -179,9 +182,6 @@ class FlowMatchEulerDiscreteScheduler(SchedulerConfigMixin):
                 raise ValueError(f"{name} must have num_inference_steps={num_inference_steps} "
                                  f"entries, got {len(given)}")
             num_inference_steps = len(given)
-        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
-            raise ValueError(f"sigmas and timesteps must have the same length, got "
-                             f"{len(sigmas)} and {len(timesteps)}")
         if (not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool)
                 or num_inference_steps <= 0):
             raise ValueError(f"num_inference_steps must be a positive int, got "

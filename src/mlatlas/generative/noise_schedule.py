@@ -155,7 +155,9 @@ def inference_timesteps(num_train_timesteps: int, num_inference_steps: int,
     else:
         raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
     if ts.max() >= T or ts.min() < 0:
-        raise ValueError(f"steps_offset={steps_offset} pushes timesteps outside [0, {T})")
+        raise ValueError(f"steps_offset={steps_offset} pushes timesteps outside [0, {T}) with "
+                         f"timestep_spacing={spacing!r}, num_inference_steps={n}: got "
+                         f"[{int(ts.min())}, {int(ts.max())}]")
     return torch.from_numpy(ts)
 
 

@@ -72,6 +72,23 @@ def test_ddpm_option_parity(reference, name):
            atol=1e-5 if "rescale_betas_zero_snr" in kw else ATOL)
 
 
+def test_get_velocity_for_training_loops(reference):
+    diffusers = reference("diffusers")
+    kw = DDPM_CASES["zero-snr-v"]
+    ours, ref = DDPMScheduler(T, **kw), diffusers.DDPMScheduler(T, **kw)
+    g = torch.Generator().manual_seed(9)
+    x0, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    t = torch.tensor([0, 57, T - 1])
+    torch.testing.assert_close(ours.get_velocity(x0, eps, t), ref.get_velocity(x0, eps, t),
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t),
+                               atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="noise must have the shape of sample"):
+        ours.get_velocity(x0, eps[:1], t)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 120\)"):
+        ours.get_velocity(x0, eps, torch.tensor([0, 1, T]))
+
+
 def test_ddpm_custom_timesteps(reference):
     diffusers = reference("diffusers")
     ts = [117, 90, 64, 63, 31, 7, 2, 0]

@@ -287,6 +287,22 @@ class NoiseSchedule:
         sqrt_1m = _broadcast(((1 - ac[timesteps]) ** 0.5).flatten(), original_samples)
         return sqrt_ac * original_samples + sqrt_1m * noise  # eq. (4)
 
+    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The v-prediction target ``v = √ᾱ_t ε − √(1−ᾱ_t) x_0`` (Salimans & Ho 2022, eq. 11).
+
+        Args:
+            sample: ``x_0``, ``[B, ...]``.
+            noise: ``ε``, same shape.
+            timesteps: ``[B]`` int64 timesteps (or one shared scalar).
+        """
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise must have the shape of sample {tuple(sample.shape)}, got "
+                             f"{tuple(noise.shape)}")
+        timesteps = self.check_timesteps(timesteps).to(sample.device)
+        ac = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[timesteps]
+        return (_broadcast((ac ** 0.5).flatten(), sample) * noise
+                - _broadcast(((1 - ac) ** 0.5).flatten(), sample) * sample)
+
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``[n]`` timesteps uniform on ``{0, …, T−1}``."""
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)

@@ -10,6 +10,7 @@ measured" there means a reference went missing.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -36,6 +37,10 @@ def test_experiment_contract(method_id):
     assert isinstance(getattr(cfg, "seed", None), int), "Config needs an int `seed` field"
     assert module.Config.__doc__, "Config needs a docstring"
     assert callable(module.run)
+    assert isinstance(module.Config.smoke(), module.Config), "Config.smoke() is required"
+    for fn in (module.run, getattr(module, "bench", None)):
+        if fn is not None:  # run modes live in the Config: no `smoke` parameter
+            assert "smoke" not in inspect.signature(fn).parameters, fn.__name__
     if hasattr(module.Config, "full"):
         assert isinstance(module.Config.full(), module.Config)
 
@@ -71,8 +76,6 @@ def test_bench_smoke_run(method_id, tmp_path):
     module = runner.load_experiment(method_id)
     if not hasattr(module, "bench"):
         pytest.skip(f"{method_id} has no benchmark")
-    if not hasattr(module.Config, "smoke"):  # TODO(house-v2): every Config has smoke()
-        pytest.skip(f"{method_id} has no Config.smoke() yet: its smoke bench is a full one")
     report = runner.run_bench(method_id, out=tmp_path, smoke=True)
     assert isinstance(report, Report) and report.kind == "bench"
     assert report.claims, "a benchmark states its claims (a ratio against a named baseline)"

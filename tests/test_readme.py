@@ -110,11 +110,6 @@ def test_readme_bash_command_runs(line, scratch, monkeypatch, capsys):
     from mlatlas.cli import main
 
     cmd = argv[3:]
-    if cmd[0] == "bench":  # TODO(house-v2): drop once every Config has smoke()
-        from mlatlas import runner
-
-        if not hasattr(runner.load_experiment(cmd[1]).Config, "smoke"):
-            pytest.skip(f"{cmd[1]} has no Config.smoke() yet: its smoke bench is a full one")
     monkeypatch.chdir(scratch)  # runs/ is written there; in-process: no torch import per line
     rc = main(cmd)
     err = capsys.readouterr().err

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import functools
 import importlib
-import inspect
 import subprocess
 import time
 import traceback
@@ -95,7 +94,10 @@ def make_config(module: types.ModuleType, *, mode: str = "default",
     cls = module.Config
     if mode not in MODES:
         raise ConfigError(f"run mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "smoke" and hasattr(cls, "smoke"):  # TODO(house-v2): every Config has smoke()
+    if mode == "smoke":
+        if not hasattr(cls, "smoke"):
+            raise ConfigError(f"{module.__name__}.Config has no smoke() (required: a few steps, "
+                              "for tests)")
         cfg = cls.smoke()
     elif mode == "full" and hasattr(cls, "full"):
         cfg = cls.full()
@@ -301,10 +303,7 @@ def _execute(method_id: str, module: types.ModuleType, fn: Any, cfg: Any,
                    else contextlib.nullcontext())  # CPU kernels are deterministic already
     with runtime.torch_threads(threads), determinism:
         start = time.perf_counter()
-        if "smoke" in inspect.signature(fn).parameters:  # TODO(house-v2): drop once migrated
-            report = fn(cfg, out, smoke=mode == "smoke")
-        else:
-            report = fn(cfg, out)
+        report = fn(cfg, out)
         elapsed = time.perf_counter() - start
     if not isinstance(report, Report):
         raise TypeError(f"{method_id}: {kind}() must return a Report, got {type(report).__name__}")

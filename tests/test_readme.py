@@ -55,15 +55,22 @@ def _is_option_value(args: list[str], word: str) -> bool:
     return i > 0 and args[i - 1] in ("--field", "--out", "--set", "--seed")
 
 
-def bash_commands() -> list[str]:
-    """The README's bash lines worth running, one per distinct smoke command."""
-    lines = [line for body in blocks("bash") for line in body.splitlines()]
-    seen: dict[tuple[str, ...], str] = {}
-    for line in lines:
-        argv = smoke_command(line)
-        if argv:
-            seen.setdefault(tuple(argv), line)
-    return list(seen.values())
+def bash_commands() -> list[list[str]]:
+    """The README's bash lines worth running, block by block (a block is what a reader pastes:
+    its lines run in order, later ones read what earlier ones wrote); a smoke command already
+    run by an earlier block is left out."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for body in blocks("bash"):
+        lines = []
+        for line in body.splitlines():
+            argv = smoke_command(line)
+            if argv and tuple(argv) not in seen:
+                seen.add(tuple(argv))
+                lines.append(line)
+        if lines:
+            out.append(lines)
+    return out
 
 
 def _env() -> dict[str, str]:
@@ -82,7 +89,7 @@ def test_readme_names_the_two_commands():
 
 
 def test_readme_has_commands_and_snippets():
-    assert any("mlatlas run" in c for c in bash_commands())
+    assert any("mlatlas run" in c for block in bash_commands() for c in block)
     assert blocks("python")
 
 
@@ -94,27 +101,28 @@ def test_smoke_rewriting():
     assert smoke_command("make demo   # all") is None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("readme")
 
 
-@pytest.mark.parametrize("line", bash_commands())
-def test_readme_bash_command_runs(line, scratch, monkeypatch, capsys):
-    argv = smoke_command(line)
-    if argv[1:3] != ["-m", "mlatlas.cli"]:
-        res = subprocess.run(argv, cwd=scratch, env=_env(), capture_output=True, text=True,
-                             timeout=600)
-        assert res.returncode == 0, f"{line!r}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        return
-    from mlatlas.cli import main
+@pytest.mark.parametrize("block", bash_commands(), ids=lambda b: b[0].split("#")[0].strip())
+def test_readme_bash_block_runs(block, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # runs/ is written there
+    for line in block:
+        argv = smoke_command(line)
+        if argv[1:3] != ["-m", "mlatlas.cli"]:
+            res = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True,
+                                 text=True, timeout=600)
+            assert res.returncode == 0, f"{line!r}:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+            continue
+        from mlatlas.cli import main
 
-    cmd = argv[3:]
-    monkeypatch.chdir(scratch)  # runs/ is written there; in-process: no torch import per line
-    rc = main(cmd)
-    err = capsys.readouterr().err
-    allowed = (0, 1) if cmd[0] in ("run", "bench", "tour") else (0,)
-    assert rc in allowed, f"{line!r} ran as `mlatlas {' '.join(cmd)}` → exit {rc}:\n{err}"
+        cmd = argv[3:]
+        rc = main(cmd)  # in-process: no torch import per line
+        err = capsys.readouterr().err
+        allowed = (0, 1) if cmd[0] in ("run", "bench", "tour") else (0,)
+        assert rc in allowed, f"{line!r} ran as `mlatlas {' '.join(cmd)}` → exit {rc}:\n{err}"
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))

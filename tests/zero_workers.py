@@ -139,3 +139,26 @@ def parity_worker(rank: int, world: int, store: str, out: str) -> None:
         held["error"] = traceback.format_exc()
     Path(out, f"rank{rank}.json").write_text(json.dumps(held))
     dist.destroy_process_group()
+
+
+def train_worker(rank: int, world: int, port: int, argv: list[str], out: str) -> None:
+    """One rank of ``mlatlas train`` as torchrun would start it (its environment variables);
+    writes the exit code and stderr to ``train<rank>.json``."""
+    import contextlib
+    import io
+    import os
+
+    from mlatlas.train import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(argv)
+    except Exception:
+        code, err = -1, io.StringIO(traceback.format_exc())
+    Path(out, f"train{rank}.json").write_text(json.dumps({"code": code,
+                                                          "stderr": err.getvalue()}))

@@ -5,6 +5,7 @@
     mlatlas bench ID [--full | --smoke] [--set k=v ...] [--seed N] [--out DIR] [--strict]
     mlatlas tour [ID ...] [--field F] [--full | --smoke] [--no-bench] [--out DIR] [--strict]
     mlatlas site RUN_DIR ... [--out DIR]
+    mlatlas train llama [--strategy ddp|zero1|zero2|fsdp2] [--nproc N] [--steps K] … (its --help)
 
 Exit codes: 0 ok; 1 a claim did not hold (or was not measured) under ``--strict``, or a tour
 run failed; 2 usage errors — every bad argument gets one line on stderr naming it, never a
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--strict", action="store_true",
                       help="exit 1 if a claim does not hold or was not measured")
 
+    train = sub.add_parser("train", add_help=False, help="train the tiny Llama on 1 … N "
+                           "processes: DDP, ZeRO-1/2, FSDP2 (`mlatlas train --help`)")
+    train.add_argument("argv", nargs=argparse.REMAINDER)  # main() hands them to mlatlas.train
 
     site = sub.add_parser("site", help="rebuild the atlas site from existing run folders")
     site.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -108,6 +112,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlatlas`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser: options before the model name, --help
+        from mlatlas.train import main as train_main
+
+        return train_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) and argument errors (2)

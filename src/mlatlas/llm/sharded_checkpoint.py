@@ -99,8 +99,14 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], strategy: s
         path: For the message.
 
     Raises:
-        ValueError: a different model config, LoRA config or checkpoint layout.
+        ValueError: another checkpoint layout (strategy family), or another value of a key
+            of ``expected`` (model config, LoRA config, ZeRO bucket size).
     """
+    saved = meta.get("strategy")
+    if _FAMILY.get(saved) != _FAMILY[strategy]:
+        raise ValueError(f"checkpoint {path} was written by --strategy {saved}; its sharded "
+                         f"state does not load into --strategy {strategy} (resume with "
+                         f"--strategy {saved}, on any number of processes)")
     for key, ours in expected.items():
         theirs = meta.get(key)
         if theirs == ours:
@@ -112,11 +118,6 @@ def check_compatible(meta: dict[str, Any], expected: dict[str, Any], strategy: s
             diff = [f"{theirs!r} (checkpoint) vs {ours!r} (this run)"]
         raise ValueError(f"checkpoint {path} was written for another {key}: "
                          f"{'; '.join(diff)}")
-    saved = meta.get("strategy")
-    if _FAMILY.get(saved) != _FAMILY[strategy]:
-        raise ValueError(f"checkpoint {path} was written by --strategy {saved}; its sharded "
-                         f"state does not load into --strategy {strategy} (resume with "
-                         f"--strategy {saved}, on any number of processes)")
 
 
 def load_sharded(d: Distributed, path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from mlatlas.llm.sharded_checkpoint import save_sharded
 from mlatlas.llm.zero import distribute
 
 #: Ψ = 1 530 parameters: not a multiple of 4, nor are the norm weights (18) or the tied
-#: embedding (61 × 18); FSDP2 pads 61 rows to 2 × 31.
+#: embedding (61 × 18); FSDP2 pads 61 rows to N · ⌈61/N⌉.
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=18, intermediate_size=30, num_layers=2,
                      num_heads=3, num_kv_heads=1, tie_word_embeddings=True,
                      max_position_embeddings=64)

@@ -22,7 +22,8 @@ import torch
 import torch.multiprocessing as mp
 import zero_workers
 
-from mlatlas.train import main, parse_lora
+from mlatlas.llm.parallel_pretraining import parse_lora
+from mlatlas.train import main
 
 TINY = ["llama", "--steps", "3", "--batch", "4", "--seq-len", "24", "--hidden-size", "24",
         "--intermediate-size", "40", "--layers", "2", "--heads", "2", "--kv-heads", "1",

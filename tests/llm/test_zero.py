@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -124,10 +122,10 @@ def test_zero_optimizer_on_one_rank_equals_adamw(one_rank, stage):
 
 # ------------------------------------------------------------------------- N processes
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"N={n}")
-def ranks(request):
+def ranks(request, tmp_path_factory):
     """N gloo ranks (once per N); every strategy trains on the same batches."""
     world = request.param
-    out = Path(tempfile.mkdtemp(prefix="mlatlas-zero-"))
+    out = tmp_path_factory.mktemp(f"zero-{world}")
     # fork: the children inherit the imported torch (spawning re-imports it, ~10 s a process
     # on a busy 2-core machine); they pin themselves to 1 thread, as DataLoader workers do
     mp.start_processes(zero_workers.parity_worker, args=(world, str(out / "store"), str(out)),

@@ -174,26 +174,34 @@ def _worker(rank: int, world: int, cfg: Config, store: str, out: str, mode: str)
     dist.destroy_process_group()
 
 
-def _launch(cfg: Config, mode: str) -> tuple[list[dict[str, Any]], Path]:
-    """Run :func:`_worker` on ``max(world_sizes)`` processes; their results, and the folder."""
+def _launch(cfg: Config, mode: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run :func:`_worker` on ``max(world_sizes)`` processes.
+
+    Returns:
+        Each rank's results, and rank 0's gathered parameters per ``"<strategy>/<N>"``
+        (``run`` mode; empty in ``bench`` mode).
+    """
     for n in cfg.world_sizes:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1 or cfg.batch % n:
             raise ValueError(f"world_sizes must be positive ints dividing batch={cfg.batch}, "
                              f"got {n!r}")
     world = max(cfg.world_sizes)
-    tmp = Path(tempfile.mkdtemp(prefix="mlatlas-zero-"))
     # fork: the processes inherit what this one imported instead of importing it 4 times
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
     import torch.nn.parallel  # noqa: F401
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(world, cfg, str(tmp / "store"), str(tmp), mode),
-                       nprocs=world, join=True, start_method=method)
-    results = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
-    for r, res in enumerate(results):
-        if "error" in res:
-            raise RuntimeError(f"rank {r} of {world} failed:\n{res['error']}")
-    return results, tmp
+    with tempfile.TemporaryDirectory(prefix="mlatlas-zero-") as folder:
+        tmp = Path(folder)
+        mp.start_processes(_worker, args=(world, cfg, str(tmp / "store"), str(tmp), mode),
+                           nprocs=world, join=True, start_method=method)
+        results = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+        for r, res in enumerate(results):
+            if "error" in res:
+                raise RuntimeError(f"rank {r} of {world} failed:\n{res['error']}")
+        params = tmp / "params.pt"
+        full = torch.load(params, weights_only=True) if params.is_file() else {}
+    return results, full
 
 
 def _num_params(cfg: Config) -> int:
@@ -208,10 +216,9 @@ def run(cfg: Config, out: Path) -> Report:
     """Per-rank bytes of every strategy and N against the model; parity with one process."""
     rep = Report()
     ref = _single_process(cfg)  # first: the forked processes inherit a warm torch
-    results, tmp = _launch(cfg, "run")
+    results, full = _launch(cfg, "run")
     psi = _num_params(cfg)
     rep.metric("Ψ: parameters of the tiny Llama", psi)
-    full = torch.load(tmp / "params.pt", weights_only=True)
     worst, worst_at = 0.0, ""
     parity = {"single": 0.0, "ddp": 0.0}
     measured: dict[str, list[float]] = {s: [] for s in STRATEGIES}

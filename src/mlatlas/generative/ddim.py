@@ -154,17 +154,9 @@ class DDIMScheduler(_DDIMBase):
             ValueError: both or neither argument, ``num_inference_steps`` outside
                 ``[1, num_train_timesteps]``, custom timesteps not strictly descending.
         """
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(f"pass exactly one of num_inference_steps and timesteps, got "
-                             f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}")
-        if timesteps is not None:
-            ts = torch.as_tensor(np.asarray(timesteps)).reshape(-1)
-            if ts.numel() == 0 or ts.is_floating_point():
-                raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}")
-            if bool((ts[1:] >= ts[:-1]).any()):
-                raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
-            self.check_timesteps(ts)
-            self.timesteps = ts.to(torch.int64).to(device)
+        ts = self.validated_timesteps(num_inference_steps, timesteps)
+        if ts is not None:
+            self.timesteps = ts.to(device)
             self.num_inference_steps = len(ts)
             self.custom_timesteps = True
             return

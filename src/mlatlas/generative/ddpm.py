@@ -129,17 +129,9 @@ class DDPMScheduler(NoiseSchedule, SchedulerConfigMixin):
             ValueError: both or neither of ``num_inference_steps`` and ``timesteps``, custom
                 timesteps not strictly descending or outside ``[0, T)``.
         """
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(f"pass exactly one of num_inference_steps and timesteps, got "
-                             f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}")
-        if timesteps is not None:
-            ts = torch.as_tensor(np.asarray(timesteps)).reshape(-1)
-            if ts.numel() == 0 or ts.is_floating_point():
-                raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}")
-            if bool((ts[1:] >= ts[:-1]).any()):
-                raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
-            self.check_timesteps(ts)
-            self.timesteps = ts.to(torch.int64).to(device)
+        ts = self.validated_timesteps(num_inference_steps, timesteps)
+        if ts is not None:
+            self.timesteps = ts.to(device)
             self.custom_timesteps = True
             return
         self.timesteps = inference_timesteps(self.num_train_timesteps, num_inference_steps,

@@ -267,6 +267,30 @@ class NoiseSchedule:
                              f"in [{int(timesteps.min())}, {int(timesteps.max())}]")
         return timesteps
 
+    def validated_timesteps(self, num_inference_steps: int | None,
+                            timesteps: list[int] | Tensor | None) -> Tensor | None:
+        """``set_timesteps``' argument check: exactly one of the two; custom ones validated.
+
+        Returns:
+            The custom timesteps as an int64 tensor ``[S]``, or ``None`` when
+            ``num_inference_steps`` was given.
+
+        Raises:
+            ValueError: both or neither argument; custom timesteps empty, not integers, not
+                strictly descending or outside ``[0, T)``.
+        """
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(f"pass exactly one of num_inference_steps and timesteps, got "
+                             f"num_inference_steps={num_inference_steps!r}, timesteps={timesteps!r}")
+        if timesteps is None:
+            return None
+        ts = torch.as_tensor(np.asarray(timesteps)).reshape(-1)
+        if ts.numel() == 0 or ts.is_floating_point():
+            raise ValueError(f"timesteps must be a non-empty list of ints, got {timesteps!r}")
+        if bool((ts[1:] >= ts[:-1]).any()):
+            raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()}")
+        return self.check_timesteps(ts).to(torch.int64)
+
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """Sample q(x_t | x_0): ``√ᾱ_t x_0 + √(1−ᾱ_t) ε`` (eq. 4).
 

@@ -27,6 +27,7 @@ from mlatlas.measure import compare_times
 from mlatlas.plots import figure
 from mlatlas.report import Report
 from mlatlas.rl import ddpg
+from mlatlas.rl.sb3_episodes import episode_recorder
 
 ENV_ID = "Pendulum-v1"
 
@@ -125,22 +126,11 @@ def _ours(cfg: Config, seed: int) -> dict[str, Any]:
 
 
 def _sb3(cfg: Config, seed: int) -> dict[str, Any]:
-    from stable_baselines3.common.callbacks import BaseCallback
-
     model = _sb3_model(cfg, seed)
-    returns, at = [], []
-
-    class Episodes(BaseCallback):
-        def _on_step(self) -> bool:
-            for info in self.locals["infos"]:
-                if "episode" in info:  # Monitor's record of a finished episode
-                    returns.append(float(info["episode"]["r"]))
-                    at.append(int(self.num_timesteps))
-            return True
-
-    model.learn(cfg.steps, callback=Episodes(), progress_bar=False)
+    episodes = episode_recorder()
+    model.learn(cfg.steps, callback=episodes, progress_bar=False)
     model.env.close()
-    return {"returns": returns, "steps": at,
+    return {"returns": episodes.returns, "steps": episodes.steps,
             "eval": _evaluate(lambda o: model.predict(o, deterministic=True)[0],
                               cfg.eval_episodes)}
 

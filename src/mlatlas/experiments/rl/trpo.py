@@ -29,6 +29,7 @@ from mlatlas.report import Report
 from mlatlas.rl import trpo
 from mlatlas.rl.policies import CategoricalMLPPolicy, ValueMLP, orthogonal_init
 from mlatlas.rl.rollout import RolloutBatch, RolloutCollector
+from mlatlas.rl.sb3_episodes import episode_recorder
 from mlatlas.runtime import progress
 
 
@@ -130,15 +131,7 @@ def _sb3(cfg: Config, seed: int) -> dict[str, Any]:
     from stable_baselines3.common.env_util import make_vec_env
 
     model = _sb3_model(cfg, seed, make_vec_env, TRPO)
-    returns, at, kls = [], [], []
-
-    class Episodes(BaseCallback):
-        def _on_step(self) -> bool:
-            for info in self.locals["infos"]:
-                if "episode" in info:  # Monitor's record of a finished episode
-                    returns.append(float(info["episode"]["r"]))
-                    at.append(int(self.num_timesteps))
-            return True
+    episodes, kls = episode_recorder(), []
 
     train = model.train
 
@@ -157,9 +150,10 @@ def _sb3(cfg: Config, seed: int) -> dict[str, Any]:
         def _on_step(self) -> bool:
             return True
 
-    model.learn(cfg.steps, callback=[Episodes(), Bar()])
+    model.learn(cfg.steps, callback=[episodes, Bar()])
     model.env.close()
-    return {"returns": returns, "steps": at, "kl": kls, "total_steps": model.num_timesteps}
+    return {"returns": episodes.returns, "steps": episodes.steps, "kl": kls,
+            "total_steps": model.num_timesteps}
 
 
 def _sb3_model(cfg: Config, seed: int, make_vec_env: Any, TRPO: Any) -> Any:

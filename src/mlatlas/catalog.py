@@ -266,7 +266,9 @@ METHODS: tuple[Method, ...] = (
     M("sam", "vision", "SAM — segment anything",
       "Kirillov et al. 2023, arXiv:2304.02643",
       "transformers SamModel",
-      "identical masks and IoU scores on mapped weights"),
+      "identical masks and IoU scores on mapped weights; a tiny SAM segments the prompted "
+      "shape (mIoU >= 0.8) and its 3 masks resolve an ambiguous point",
+      experiment="mlatlas.experiments.vision.sam"),
     M("simcc", "vision", "SimCC — keypoints as 1-D x/y classification",
       "Li et al. 2022, arXiv:2107.03332",
       "heatmap baseline",

@@ -153,7 +153,8 @@ def run(cfg: Config, out: Path) -> Report:
         ax, ax2 = axes.flat
         for name, e in (("SimCC", e_simcc), ("heatmap + quarter offset", e_heat)):
             s = e.sort().values
-            ax.plot(s, torch.linspace(0, 1, len(s)), label=f"{name} (mean {e.mean():.2f} px)")
+            ax.plot(s.numpy(), torch.linspace(0, 1, len(s)).numpy(),
+                    label=f"{name} (mean {e.mean():.2f} px)")
         ax.set_xlabel("keypoint error [px]")
         ax.set_ylabel("fraction of keypoints")
         ax.legend(fontsize="small")

@@ -112,3 +112,5 @@ def test_bad_input():
         tag_loss(maps, [torch.zeros(1, 2, 2, dtype=torch.long)] * 2)
     with pytest.raises(ValueError, match="joint_order must be a permutation"):
         group_keypoints([torch.zeros(1, 1)] * 2, joint_order=[0, 0])
+    with pytest.raises(ValueError, match=r"heatmaps must be \[J, h, w\], got shape \(4, 4\)"):
+        find_peaks(torch.zeros(4, 4))

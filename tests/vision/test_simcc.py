@@ -116,3 +116,5 @@ def test_bad_input():
         make_keypoint_images(1, num_keypoints=12)
     with pytest.raises(ValueError, match="people"):
         make_stick_figures(1, people=(0, 2))
+    with pytest.raises(ValueError, match=r"heatmaps must be \[B, K, h, w\], got shape \(4, 4\)"):
+        heatmap_decode(torch.zeros(4, 4), 2.0)

@@ -83,7 +83,21 @@ def tag_loss(tag_maps: Tensor, people: Sequence[Tensor], sigma: float = 1.0) -> 
 
 
 def find_peaks(heatmaps: Tensor, threshold: float = 0.3, max_peaks: int = 10) -> list[Tensor]:
-    """Local maxima (3×3) above ``threshold`` per joint: list of ``[M_j, 2]`` cells ``(x, y)``."""
+    """Local maxima (3×3 neighbourhood) above ``threshold``, per joint type.
+
+    Args:
+        heatmaps: ``[J, h, w]`` (one image).
+        threshold: Least heatmap value of a peak.
+        max_peaks: Most peaks kept per joint type (the highest).
+
+    Returns:
+        ``J`` tensors ``[M_j, 2]`` of integer cells ``(x, y)``, highest first.
+
+    Raises:
+        ValueError: ``heatmaps`` is not 3-D.
+    """
+    if heatmaps.dim() != 3:
+        raise ValueError(f"heatmaps must be [J, h, w], got shape {tuple(heatmaps.shape)}")
     pooled = F.max_pool2d(heatmaps[None], 3, stride=1, padding=1)[0]
     keep = (heatmaps == pooled) & (heatmaps > threshold)
     out = []
@@ -106,6 +120,9 @@ def group_keypoints(tags: Sequence[Tensor], threshold: float = 1.0,
     Returns:
         One ``[J]`` int array per person: the detection index of each joint type, −1 where
         that person has none.
+
+    Raises:
+        ValueError: ``joint_order`` is not a permutation of the joint types.
     """
     n_joints = len(tags)
     order = list(joint_order) if joint_order is not None else list(range(n_joints))

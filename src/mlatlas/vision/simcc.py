@@ -71,7 +71,20 @@ def _gaussian_bins(coord: Tensor, n_bins: int, k: float, sigma: float) -> Tensor
 
 def simcc_targets(keypoints: Tensor, input_size: tuple[int, int], split_ratio: float = 2.0,
                   sigma: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Gaussian-smoothed 1-D label distributions ``[B, K, W·k]`` and ``[B, K, H·k]``."""
+    """Gaussian-smoothed 1-D label distributions of both axes (eq. 3).
+
+    Args:
+        keypoints: ``[B, K, 2]`` pixel coordinates ``(x, y)``.
+        input_size: ``(H, W)`` of the input image.
+        split_ratio: ``k`` bins per pixel.
+        sigma: Gaussian width ``σ`` in pixels.
+
+    Returns:
+        ``(t_x, t_y)``: ``[B, K, W·k]`` and ``[B, K, H·k]``, each summing to 1 over bins.
+
+    Raises:
+        ValueError: ``keypoints`` not ``[B, K, 2]`` or ``sigma <= 0``.
+    """
     _check_keypoints(keypoints)
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -81,13 +94,29 @@ def simcc_targets(keypoints: Tensor, input_size: tuple[int, int], split_ratio: f
 
 
 def simcc_loss(logits_x: Tensor, logits_y: Tensor, target_x: Tensor, target_y: Tensor) -> Tensor:
-    """``KL(t ‖ softmax(logits))`` of both axes, summed over bins, averaged over keypoints."""
+    """``KL(t ‖ softmax(logits))`` of both axes, summed over bins, averaged over keypoints.
+
+    Args:
+        logits_x, logits_y: ``[B, K, W·k]`` and ``[B, K, H·k]`` from :class:`SimCCHead`.
+        target_x, target_y: The same shapes, from :func:`simcc_targets`.
+
+    Returns:
+        Scalar loss.
+    """
     kl = lambda lg, t: F.kl_div(F.log_softmax(lg, -1), t, reduction="none").sum(-1)  # noqa: E731
     return (kl(logits_x, target_x) + kl(logits_y, target_y)).mean()
 
 
 def simcc_decode(logits_x: Tensor, logits_y: Tensor, split_ratio: float = 2.0) -> Tensor:
-    """Argmax bins → ``[B, K, 2]`` pixel coordinates ``((i + 0.5)/k, (j + 0.5)/k)``."""
+    """Argmax bins → pixel coordinates ``((i + 0.5)/k, (j + 0.5)/k)``.
+
+    Args:
+        logits_x, logits_y: ``[B, K, W·k]`` and ``[B, K, H·k]``.
+        split_ratio: ``k`` the logits were built with.
+
+    Returns:
+        ``[B, K, 2]`` keypoints ``(x, y)`` in pixels.
+    """
     x = (logits_x.argmax(-1).to(logits_x.dtype) + 0.5) / split_ratio
     y = (logits_y.argmax(-1).to(logits_y.dtype) + 0.5) / split_ratio
     return torch.stack([x, y], -1)
@@ -121,7 +150,20 @@ class HeatmapHead(nn.Module):
 
 def heatmap_targets(keypoints: Tensor, heatmap_size: tuple[int, int], stride: float,
                     sigma: float = 1.0) -> Tensor:
-    """Unnormalised Gaussians ``[B, K, h, w]`` (peak 1) at the keypoints, ``σ`` in cells."""
+    """Unnormalised Gaussian heatmaps (peak 1) at the keypoints.
+
+    Args:
+        keypoints: ``[B, K, 2]`` pixel coordinates ``(x, y)``.
+        heatmap_size: ``(h, w)`` cells; cell ``j`` stands for pixel ``(j + 0.5)·stride``.
+        stride: Input pixels per heatmap cell ``s``.
+        sigma: Gaussian width in cells.
+
+    Returns:
+        ``[B, K, h, w]``.
+
+    Raises:
+        ValueError: ``keypoints`` not ``[B, K, 2]``.
+    """
     _check_keypoints(keypoints)
     h, w = heatmap_size
     cy = (torch.arange(h, dtype=keypoints.dtype) + 0.5) * stride
@@ -137,7 +179,20 @@ def heatmap_loss(heatmaps: Tensor, targets: Tensor) -> Tensor:
 
 
 def heatmap_decode(heatmaps: Tensor, stride: float) -> Tensor:
-    """Argmax + a quarter-cell shift towards the higher neighbour → ``[B, K, 2]`` pixels."""
+    """Argmax + a quarter-cell shift towards the higher neighbour, per axis.
+
+    Args:
+        heatmaps: ``[B, K, h, w]``.
+        stride: Input pixels per heatmap cell ``s``.
+
+    Returns:
+        ``[B, K, 2]`` keypoints ``(x, y)`` in pixels.
+
+    Raises:
+        ValueError: ``heatmaps`` is not 4-D.
+    """
+    if heatmaps.dim() != 4:
+        raise ValueError(f"heatmaps must be [B, K, h, w], got shape {tuple(heatmaps.shape)}")
     b, k, h, w = heatmaps.shape
     idx = heatmaps.flatten(2).argmax(-1)
     py, px = idx // w, idx % w

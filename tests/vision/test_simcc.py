@@ -100,6 +100,10 @@ def test_datasets_draw_keypoints_where_they_say():
     figs = make_stick_figures(3, size=64, people=(2, 3), seed=6)
     assert all(k.shape[1:] == (9, 2) and 2 <= len(k) <= 3 for k in figs.keypoints)
     assert all(((k >= 0) & (k <= 64)).all() for k in figs.keypoints)
+    for k in make_stick_figures(20, people=(3, 4), seed=8).keypoints:  # torsos kept apart
+        torso = (k[:, 1] + k[:, 2]) / 2
+        d = torch.cdist(torso, torso) + 1e3 * torch.eye(len(k))
+        assert d.min() >= 12.0 - 1e-4
     assert torch.equal(make_keypoint_images(2, seed=7).images, make_keypoint_images(2, seed=7).images)
 
 

@@ -75,7 +75,7 @@ class Config:
     @classmethod
     def full(cls) -> Config:
         """More data and steps, scenes up to 40 px (the accuracy gap needs far more than the
-        default's 60 steps; not run yet)."""
+        default's 60 steps; it did not reproduce either, see the run notes)."""
         return cls(n_train=4000, n_test=1000, steps=1500, batch=32,
                    image_sizes=(16, 24, 32, 40))
 
@@ -223,8 +223,9 @@ def run(cfg: Config, out: Path) -> Report:
     rep.note("Measured on the shared 2-core VM (2026-11-30): the default 60 steps leave the VLM "
              "at the answer priors (0.36 vs text-only 0.37); 400 steps gave 0.445 vs 0.42 and "
              "1000 steps 0.43 vs 0.325 (only counting is learned; 600 training scenes "
-             "overfit). The accuracy claim does not reproduce within these budgets; --full "
-             "(4000 scenes, 1500 steps of 32) has not been run.")
+             "overfit); --full (4000 scenes, 1500 steps of 32, without the no-balancing "
+             "model, 344 s) gave 0.366 vs 0.363. The accuracy claim does not reproduce: the "
+             "VLM does not learn to read the scenes at these scales (cause not found yet).")
     rep.note("Decoder attention is Llama GQA (Moonlight uses MLA); MoE = DeepSeek-V3 routing "
              "(sigmoid scores, normalised top-k gates, bias used only for the choice).")
     return rep

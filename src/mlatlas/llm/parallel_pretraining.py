@@ -232,6 +232,10 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
             a bad option — on every rank, before any collective.
         DistributedSetupError: the process group could not be formed.
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; checked before the rendezvous
+    if cfg.batch % world:  # so that no rank leaves while another is still joining
+        raise ValueError(f"--batch {cfg.batch} must be divisible by the number of processes "
+                         f"({world}): every rank trains on batch / processes rows")
     device = _init_process_group(cfg)
     try:
         return _train(cfg, device)
@@ -242,9 +246,6 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
 
 def _train(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.batch % world:
-        raise ValueError(f"--batch {cfg.batch} must be divisible by the number of processes "
-                         f"({world}): every rank trains on batch / processes rows")
     out = [str(cfg.out or default_out())]
     dist.broadcast_object_list(out, src=0)  # one folder for every rank
     out_dir = Path(out[0])

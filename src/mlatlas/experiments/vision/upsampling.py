@@ -180,18 +180,18 @@ def run(cfg: Config, out: Path) -> Report:
             with torch.no_grad():
                 img = _Decoder(kind, cfg.latent_dim, cfg.widths)(z)[:, 0]
             for col in range(3):
-                axes[row, col].imshow(img[col], cmap="gray")
+                axes[row, col].imshow(img[col].numpy(), cmap="gray")
                 axes[row, col].set_title(f"{kind}, random init", fontsize=8)
                 axes[row, col].axis("off")
             spec = torch.fft.fftshift(torch.fft.fft2(img - img.mean((-2, -1), keepdim=True)))
-            axes[row, 3].imshow((spec.abs() ** 2).mean(0).log10(), cmap="magma")
+            axes[row, 3].imshow((spec.abs() ** 2).mean(0).log10().numpy(), cmap="magma")
             axes[row, 3].set_title("log power spectrum (Nyquist at the border)", fontsize=8)
             axes[row, 3].axis("off")
         if trained:
             for col, kind in enumerate(("deconv k=4", "resize-conv")):
                 for j in range(2):
                     ax = axes[2, 2 * col + j]
-                    ax.imshow(((trained[kind]["recon"][j].permute(1, 2, 0) + 1) / 2).clamp(0, 1))
+                    ax.imshow(((trained[kind]["recon"][j].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
                     ax.set_title(f"trained {kind}", fontsize=8)
                     ax.axis("off")
     rep.figure(out / "checkerboard.png")

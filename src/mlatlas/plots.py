@@ -1,8 +1,9 @@
 """The few plotting helpers experiments share (matplotlib with the Agg backend).
 
 Experiments build their figures with plain matplotlib; these helpers only remove the
-repetition: a figure context that saves a PNG and closes, a multi-curve line plot, and the
-grid-world panel (state values with the chosen actions) of the rl experiments.
+repetition: a figure context that saves a PNG and closes, a multi-curve line plot, the
+grid-world panel (state values with the chosen actions) of the rl experiments, and an image
+with its detected boxes for the detectors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
     from mlatlas.rl.gridworld import GridWorld
 
-__all__ = ["curves", "figure", "plt", "policy_grid"]
+__all__ = ["curves", "detections", "figure", "plt", "policy_grid"]
 
 
 @contextlib.contextmanager
@@ -135,3 +136,26 @@ def _cell_frame(row: int, col: int, color: str) -> Any:
     from matplotlib.patches import Rectangle
 
     return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec=color, lw=2.5)
+
+
+DETECTION_COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple")
+
+
+def detections(ax: Any, image: torch.Tensor, detection: Mapping[str, torch.Tensor],
+               classes: Sequence[str], min_score: float = 0.5) -> None:
+    """Draw ``image`` ``[3, H, W]`` (values in [0, 1]) with its boxes scoring ≥ ``min_score``.
+
+    ``detection`` holds ``boxes`` ``[n, 4]`` ``(x1, y1, x2, y2)`` pixels, ``scores`` ``[n]``
+    and ``labels`` ``[n]``; each box is outlined in its class colour with "class score".
+    """
+    from matplotlib.patches import Rectangle
+
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    for b, s, lab in zip(detection["boxes"], detection["scores"], detection["labels"]):
+        if s < min_score:
+            continue
+        x1, y1, x2, y2 = (b - 0.5).tolist()  # pixel centres → edges for imshow
+        c = DETECTION_COLOURS[int(lab) % len(DETECTION_COLOURS)]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=c, lw=1.2))
+        ax.text(x1, y1 - 1, f"{classes[int(lab)]} {float(s):.2f}", fontsize=6, color=c)
+    ax.axis("off")

@@ -9,8 +9,14 @@ import io
 import pytest
 import torch
 
-from mlatlas.datasets.coco_format import coco_ground_truth, write_json
-from mlatlas.datasets.shapes import CLASSES, SceneSpec, make_scenes, shape_coverage
+from mlatlas.datasets.coco_format import coco_ground_truth, cocoeval_map50, write_json
+from mlatlas.datasets.shapes import (
+    CLASSES,
+    SceneSpec,
+    make_scenes,
+    random_horizontal_flip,
+    shape_coverage,
+)
 from mlatlas.vision.boxes import box_iou
 
 
@@ -80,3 +86,28 @@ def test_bad_input():
     with pytest.raises(ValueError, match="labels'\\] must lie in"):
         coco_ground_truth([{"boxes": torch.tensor([[0.0, 0, 2, 3]]),
                             "labels": torch.tensor([3])}], 8, CLASSES)
+
+
+def test_random_horizontal_flip_moves_boxes_with_the_pixels():
+    scenes = make_scenes(6, seed=3)
+    images, targets = random_horizontal_flip(scenes.images, scenes.targets(),
+                                             torch.Generator().manual_seed(0))
+    flipped = [not torch.equal(a, b) for a, b in zip(images, scenes.images)]
+    assert any(flipped) and not all(flipped)  # p = ½ over six images, seed 0
+    for img, orig, t, t0, f in zip(images, scenes.images, targets, scenes.targets(), flipped):
+        assert torch.equal(img, orig.flip(-1) if f else orig)
+        assert torch.equal(t["labels"], t0["labels"])
+        for b, b0 in zip(t["boxes"], t0["boxes"]):  # the flipped box holds the flipped crop
+            x1, y1, x2, y2 = b.round().long().tolist()
+            u1, v1, u2, v2 = b0.round().long().tolist()
+            crop = orig[:, v1:v2, u1:u2]
+            assert torch.equal(img[:, y1:y2, x1:x2], crop.flip(-1) if f else crop)
+
+
+def test_cocoeval_map50_of_perfect_and_of_no_detections():
+    scenes = make_scenes(8, seed=1)
+    perfect = [{**t, "scores": torch.ones(len(t["labels"]))} for t in scenes.targets()]
+    assert cocoeval_map50(scenes.to_coco(), perfect) == pytest.approx(1.0)
+    empty = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+              "labels": torch.zeros(0, dtype=torch.long)} for _ in scenes.targets()]
+    assert cocoeval_map50(scenes.to_coco(), empty) == 0.0

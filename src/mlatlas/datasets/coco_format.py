@@ -16,6 +16,8 @@ boxes as ``(x1, y1, x2, y2)``; the conversion happens here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["coco_ground_truth", "coco_results", "write_json"]
+__all__ = ["coco_ground_truth", "coco_results", "cocoeval_map50", "write_json"]
 
 
 def _xywh(boxes: Tensor) -> list[list[float]]:
@@ -113,3 +115,35 @@ def write_json(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
     return path
+
+
+def cocoeval_map50(ground_truth: dict[str, Any],
+                   detections: Sequence[Mapping[str, Tensor]]) -> float | None:
+    """mAP@0.5 of ``detections`` as pycocotools' ``COCOeval`` computes it (``stats[1]``).
+
+    Args:
+        ground_truth: A COCO dataset dict (:func:`coco_ground_truth`).
+        detections: One dict per image with ``boxes`` ``[n, 4]``, ``scores`` ``[n]``,
+            ``labels`` ``[n]``.
+
+    Returns:
+        The mAP@0.5, ``0.0`` when there is no detection at all, ``None`` when pycocotools is
+        not installed (the caller reports the comparison as not measured).
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        return None
+    results = coco_results(detections)
+    if not results:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its tables
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1])

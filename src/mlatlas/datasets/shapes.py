@@ -30,7 +30,8 @@ from torch import Tensor
 
 from mlatlas.datasets.coco_format import coco_ground_truth
 
-__all__ = ["CLASSES", "DetectionSet", "SceneSpec", "make_scenes", "shape_coverage"]
+__all__ = ["CLASSES", "DetectionSet", "SceneSpec", "make_scenes", "random_horizontal_flip",
+           "shape_coverage"]
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 _MIN_CONTRAST = 0.45  # L1 distance (over RGB, 0..3) between an object's and the background's colour
@@ -272,3 +273,27 @@ def make_scenes(n: int, spec: SceneSpec | None = None, seed: int = 0) -> Detecti
     boxes = [torch.tensor(lay["boxes"], dtype=torch.float32) for lay in layouts]
     labels = [torch.tensor(lay["kinds"], dtype=torch.int64) for lay in layouts]
     return DetectionSet(images, boxes, labels, CLASSES)
+
+
+def random_horizontal_flip(images: Tensor, targets: list[dict[str, Tensor]],
+                           generator: torch.Generator) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Flip each image left-right with probability ½, boxes with it (the shapes are symmetric).
+
+    Args:
+        images: ``[B, C, H, W]``.
+        targets: ``B`` dicts with ``boxes`` ``[n, 4]`` ``(x1, y1, x2, y2)`` and ``labels``.
+        generator: Draws the flips.
+
+    Returns:
+        The images and new target dicts (``x1' = W − x2``, ``x2' = W − x1``).
+    """
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    w = images.shape[-1]
+    out = []
+    for f, t in zip(flip.tolist(), targets):
+        b = t["boxes"]
+        if f and len(b):
+            b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)
+        out.append({"boxes": b, "labels": t["labels"]})
+    return images, out

@@ -13,17 +13,15 @@ every ``checkpoint_every`` steps and at the end; ``--set resume=<file>`` continu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mlatlas.datasets.coco_format import coco_results
-from mlatlas.datasets.shapes import SceneSpec, make_scenes
-from mlatlas.plots import curves, figure
+from mlatlas.datasets.coco_format import cocoeval_map50
+from mlatlas.datasets.shapes import SceneSpec, make_scenes, random_horizontal_flip
+from mlatlas.plots import curves, detections, figure
 from mlatlas.report import Report
 from mlatlas.runtime import progress
 from mlatlas.training_state import load_checkpoint, save_checkpoint
@@ -81,20 +79,6 @@ def _ops_parity(gen: torch.Generator) -> float:
     return err
 
 
-def _flip(images: torch.Tensor, targets: list[dict], gen: torch.Generator):
-    """Random horizontal flips (the three shapes are mirror-symmetric)."""
-    flip = torch.rand(len(images), generator=gen) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    w = images.shape[-1]
-    out = []
-    for f, t in zip(flip.tolist(), targets):
-        b = t["boxes"]
-        if f and len(b):
-            b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)
-        out.append({"boxes": b, "labels": t["labels"]})
-    return images, out
-
-
 def _lr(cfg: Config, step: int) -> float:
     warm = max(1, cfg.steps // 20)
     if step < warm:
@@ -107,46 +91,10 @@ def _detect(model: RFCN, images: torch.Tensor, voting: bool) -> list[dict]:
     return [d for i in range(0, len(images), 50) for d in model(images[i:i + 50], voting)]
 
 
-def _cocoeval_map50(test, dets) -> float | None:
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        return None
-    results = coco_results(dets)
-    if not results:
-        return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = test.to_coco()
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(results), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[1])
-
-
 def _draw(path: Path, test, dets, classes) -> None:
-    colours = ("tab:red", "tab:green", "tab:blue")
     with figure(path, ncols=4, nrows=2, size=(12, 6.2)) as (_, axes):
         for ax, i in zip(axes.flat, range(8)):
-            ax.imshow(test.images[i].permute(1, 2, 0).clamp(0, 1))
-            d = dets[i]
-            for b, s, lab in zip(d["boxes"], d["scores"], d["labels"]):
-                if s < 0.5:
-                    continue
-                x1, y1, x2, y2 = (b - 0.5).tolist()
-                ax.add_patch(_rect(x1, y1, x2 - x1, y2 - y1, colours[int(lab)]))
-                ax.text(x1, y1 - 1, f"{classes[int(lab)]} {float(s):.2f}", fontsize=6,
-                        color=colours[int(lab)])
-            ax.axis("off")
-
-
-def _rect(x, y, w, h, colour):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x, y), w, h, fill=False, color=colour, lw=1.2)
+            detections(ax, test.images[i], dets[i], classes, min_score=0.5)
 
 
 def run(cfg: Config, out: Path) -> Report:
@@ -176,7 +124,8 @@ def run(cfg: Config, out: Path) -> Report:
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         idx = torch.randint(len(train), (cfg.batch,), generator=order)
-        images, batch = _flip(train.images[idx], [targets[i] for i in idx.tolist()], order)
+        images, batch = random_horizontal_flip(train.images[idx],
+                                              [targets[i] for i in idx.tolist()], order)
         losses = model.loss(images, batch, sampler)
         loss = sum(losses.values())
         opt.zero_grad()
@@ -200,7 +149,7 @@ def run(cfg: Config, out: Path) -> Report:
               op=">=", target_source="target_map50",
               detail=f"{cfg.steps} steps × {cfg.batch} images, {cfg.train_images} training "
               f"scenes, {cfg.test_images} test scenes, box voting")
-    coco = _cocoeval_map50(test, dets)
+    coco = cocoeval_map50(test.to_coco(), dets)
     if coco is None:
         rep.not_measured("|our mAP@0.5 − pycocotools COCOeval|", 1e-9, op="<=",
                          reason="pycocotools is not installed (pip install -e .[ref])")

@@ -14,18 +14,16 @@ no download: speed only) on the same 64 × 64 batch, side by side.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mlatlas.datasets.coco_format import coco_results
-from mlatlas.datasets.shapes import SceneSpec, make_scenes
+from mlatlas.datasets.coco_format import cocoeval_map50
+from mlatlas.datasets.shapes import SceneSpec, make_scenes, random_horizontal_flip
 from mlatlas.measure import compare_times
-from mlatlas.plots import curves, figure
+from mlatlas.plots import curves, detections, figure
 from mlatlas.report import Report
 from mlatlas.runtime import progress
 from mlatlas.training_state import load_checkpoint, save_checkpoint
@@ -71,19 +69,6 @@ def _model_config(cfg: Config) -> YOLOConfig:
                       widths=cfg.widths, hidden=cfg.hidden, head=cfg.head)
 
 
-def _flip(images: torch.Tensor, targets: list[dict], gen: torch.Generator):
-    flip = torch.rand(len(images), generator=gen) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    w = images.shape[-1]
-    out = []
-    for f, t in zip(flip.tolist(), targets):
-        b = t["boxes"]
-        if f and len(b):
-            b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1)
-        out.append({"boxes": b, "labels": t["labels"]})
-    return images, out
-
-
 def _lr(cfg: Config, step: int) -> float:
     warm = max(1, cfg.steps // 20)
     if step < warm:
@@ -98,47 +83,14 @@ def _detect(model: YOLOv1, images: torch.Tensor) -> list[dict]:
             for d in decode(model(images[i:i + 100]), model.cfg)]
 
 
-def _cocoeval_map50(test, dets) -> float | None:
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        return None
-    results = coco_results(dets)
-    if not results:
-        return 0.0
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = test.to_coco()
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(results), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[1])
-
-
 def _draw(path: Path, test, dets, grid: int) -> None:
-    from matplotlib.patches import Rectangle
-
-    colours = ("tab:red", "tab:green", "tab:blue")
     with figure(path, ncols=4, nrows=2, size=(12, 6.2)) as (_, axes):
         for ax, i in zip(axes.flat, range(8)):
-            ax.imshow(test.images[i].permute(1, 2, 0).clamp(0, 1))
             s = test.images.shape[-1] / grid
-            for g in range(1, grid):
+            for g in range(1, grid):  # the grid cells that own the boxes
                 ax.axhline(g * s - 0.5, color="w", lw=0.3, alpha=0.5)
                 ax.axvline(g * s - 0.5, color="w", lw=0.3, alpha=0.5)
-            d = dets[i]
-            for b, sc, lab in zip(d["boxes"], d["scores"], d["labels"]):
-                if sc < 0.3:
-                    continue
-                x1, y1, x2, y2 = (b - 0.5).tolist()
-                c = colours[int(lab)]
-                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=c, lw=1.2))
-                ax.text(x1, y1 - 1, f"{test.classes[int(lab)]} {float(sc):.2f}", fontsize=6,
-                        color=c)
-            ax.axis("off")
+            detections(ax, test.images[i], dets[i], test.classes, min_score=0.3)
 
 
 def run(cfg: Config, out: Path) -> Report:
@@ -163,7 +115,8 @@ def run(cfg: Config, out: Path) -> Report:
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         idx = torch.randint(len(train), (cfg.batch,), generator=order)
-        images, batch = _flip(train.images[idx], [targets[i] for i in idx.tolist()], order)
+        images, batch = random_horizontal_flip(train.images[idx],
+                                              [targets[i] for i in idx.tolist()], order)
         loss = sum(yolo_loss(model(images), encode_targets(batch, mcfg), mcfg).values())
         opt.zero_grad()
         loss.backward()
@@ -186,7 +139,7 @@ def run(cfg: Config, out: Path) -> Report:
               op=">=", target_source="target_map50",
               detail=f"{cfg.steps} steps × {cfg.batch} images, {cfg.train_images} training "
               f"scenes, {cfg.test_images} test scenes")
-    coco = _cocoeval_map50(test, dets)
+    coco = cocoeval_map50(test.to_coco(), dets)
     if coco is None:
         rep.not_measured("|our mAP@0.5 − pycocotools COCOeval|", 1e-9, op="<=",
                          reason="pycocotools is not installed (pip install -e .[ref])")

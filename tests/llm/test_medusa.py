@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from chain_model import chain_batch, train_on_chains
 
 from mlatlas.llm.generation import generate
-from mlatlas.llm.llama import Llama, LlamaConfig, next_token_loss
+from mlatlas.llm.llama import Llama, LlamaConfig
 from mlatlas.llm.medusa import (
     DEFAULT_TREE,
     NOMINAL_ACCURACY,
@@ -44,37 +45,10 @@ def _model(seed: int = 0, **over) -> Llama:
     return Llama(LlamaConfig(**{**CFG, **over})).eval()
 
 
-PERM = torch.randperm(37, generator=torch.Generator().manual_seed(0))
-
-
-def chain_batch(gen: torch.Generator, batch: int = 32, length: int = 24) -> torch.Tensor:
-    """Rows that follow a fixed permutation ``x_{t+1} = π(x_t)``, jumping at random 10 % of
-    the time: a task a tiny model learns in seconds, with peaked predictions."""
-    x = torch.empty(batch, length, dtype=torch.long)
-    x[:, 0] = torch.randint(0, 37, (batch,), generator=gen)
-    jump = torch.rand(batch, length, generator=gen) < 0.1
-    rnd = torch.randint(0, 37, (batch, length), generator=gen)
-    for t in range(1, length):
-        x[:, t] = torch.where(jump[:, t], rnd[:, t], PERM[x[:, t - 1]])
-    return x
-
-
 @pytest.fixture(scope="module")
 def trained():
-    """A model trained on :func:`chain_batch` rows (peaked, confident predictions)."""
-    model = _model(seed=11).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(11)
-    for _ in range(80):
-        x = chain_batch(gen)
-        loss = next_token_loss(model(x), x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    """A model trained on :func:`chain_model.chain_batch` rows (peaked predictions)."""
+    return train_on_chains(_model(seed=11))
 
 
 def test_heads_follow_the_papers_equation_forward_and_backward():

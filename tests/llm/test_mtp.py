@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chain_model import chain_batch, train_on_chains
 
 from mlatlas.llm.generation import generate
 from mlatlas.llm.hf_format import hf_key_map
-from mlatlas.llm.llama import Llama, LlamaConfig, next_token_loss
+from mlatlas.llm.llama import Llama, LlamaConfig
 from mlatlas.llm.mtp import MTPModules, ParallelMTPHeads, mtp_generate, multi_token_loss
 
 ATOL = RTOL = 1e-5  # fp32 CPU
@@ -30,37 +31,10 @@ def _model(seed: int = 0, **over) -> Llama:
     return Llama(LlamaConfig(**{**CFG, **over})).eval()
 
 
-PERM = torch.randperm(37, generator=torch.Generator().manual_seed(0))
-
-
-def chain_batch(gen: torch.Generator, batch: int = 32, length: int = 24) -> torch.Tensor:
-    """Rows that follow a fixed permutation ``x_{t+1} = π(x_t)``, jumping at random 10 % of
-    the time: a task a tiny model learns in seconds, with peaked predictions."""
-    x = torch.empty(batch, length, dtype=torch.long)
-    x[:, 0] = torch.randint(0, 37, (batch,), generator=gen)
-    jump = torch.rand(batch, length, generator=gen) < 0.1
-    rnd = torch.randint(0, 37, (batch, length), generator=gen)
-    for t in range(1, length):
-        x[:, t] = torch.where(jump[:, t], rnd[:, t], PERM[x[:, t - 1]])
-    return x
-
-
 @pytest.fixture(scope="module")
 def trained():
-    """A model trained on :func:`chain_batch` rows (peaked, confident predictions)."""
-    model = _model(seed=11).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(11)
-    for _ in range(80):
-        x = chain_batch(gen)
-        loss = next_token_loss(model(x), x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    """A model trained on :func:`chain_model.chain_batch` rows (peaked predictions)."""
+    return train_on_chains(_model(seed=11))
 
 
 def _perturb_norms(module: torch.nn.Module) -> None:

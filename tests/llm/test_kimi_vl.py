@@ -240,3 +240,25 @@ def test_visual_qa_scenes_have_native_sizes_and_are_deterministic():
     with pytest.raises(ValueError,
                        match=r"sizes must all be >= 2·min_side \+ 4 = 16.0, got \(8, 16\)"):
         make_visual_qa(2, sizes=(8, 16))
+
+
+def test_experiment_normalises_pixels_like_kimi_image_processor(reference):
+    """The kimi-vl experiment feeds MoonViT ``(x − mean) / std`` with the processor's constants
+    (raw ``[0, 1]`` pixels of the dark scenes collapsed the tower's features in training)."""
+    constants = reference("transformers.utils.constants")
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+
+    from mlatlas.datasets.visual_qa import make_visual_qa
+    from mlatlas.experiments.llm import kimi_vl as exp
+
+    assert Kimi_K25ImageProcessor.image_mean == constants.IMAGENET_STANDARD_MEAN
+    assert Kimi_K25ImageProcessor.image_std == constants.IMAGENET_STANDARD_STD
+    assert [exp.PIXEL_MEAN] * 3 == constants.IMAGENET_STANDARD_MEAN
+    assert [exp.PIXEL_STD] * 3 == constants.IMAGENET_STANDARD_STD
+    scenes = make_visual_qa(5, seed=1, sizes=(16, 24))
+    packed = exp.pack_batch(scenes, P, with_images=True)["images"]
+    mean = torch.tensor(constants.IMAGENET_STANDARD_MEAN)[:, None, None]
+    std = torch.tensor(constants.IMAGENET_STANDARD_STD)[:, None, None]
+    want = patchify([(s.image - mean) / std for s in scenes], P)
+    torch.testing.assert_close(packed.pixel_values, want.pixel_values, atol=1e-6, rtol=1e-6)
+    assert packed.pixel_values.min() < 0  # centred, not the raw [0, 1] scenes

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from mlatlas.rl.gridworld import GridWorld
 
-__all__ = ["curves", "detections", "figure", "plt", "policy_grid"]
+__all__ = ["curves", "detections", "figure", "loss_curve", "plt", "policy_grid"]
 
 
 @contextlib.contextmanager
@@ -136,6 +136,15 @@ def _cell_frame(row: int, col: int, color: str) -> Any:
     from matplotlib.patches import Rectangle
 
     return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec=color, lw=2.5)
+
+
+def loss_curve(ax: Any, losses: Sequence[float], label: str, title: str,
+               points: int = 50) -> None:
+    """A training loss per step, averaged over consecutive blocks to about ``points`` points."""
+    k = max(1, len(losses) // points)
+    starts = list(range(0, len(losses), k))
+    smooth = [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in starts]
+    curves(ax, {label: smooth}, x=starts, xlabel="step", ylabel="loss", logy=True, title=title)
 
 
 DETECTION_COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple")

@@ -339,15 +339,31 @@ class Comparison:
     Attributes:
         results: Method name → one :class:`MethodResult` per seed.
         step_s: Method name → median seconds of one training step (interleaved timing).
+        seeds: The fine-tuning seeds, in the order of each method's results.
     """
 
     results: dict[str, list[MethodResult]]
     step_s: dict[str, float]
+    seeds: list[int]
 
     def accuracy(self, name: str) -> float:
         """Mean exact match of ``name`` over the seeds."""
         runs = self.results[name]
         return sum(r.accuracy for r in runs) / len(runs)
+
+    def metrics(self, key: Callable[[str], str] = lambda name: name) -> dict[str, float]:
+        """Every method's numbers as flat metrics ``<key(name)>_<what>`` for a report."""
+        out: dict[str, float] = {}
+        for name, runs in self.results.items():
+            k, first = key(name), runs[0]
+            out[f"{k}_trainable_share"] = first.share
+            out[f"{k}_trainable_params"] = first.trainable
+            out[f"{k}_accuracy_mean"] = self.accuracy(name)
+            out.update({f"{k}_accuracy_seed{seed}": r.accuracy for seed, r in zip(self.seeds, runs)})
+            out[f"{k}_grad_bytes"] = first.gradient_bytes
+            out[f"{k}_optimizer_state_bytes"] = first.optimizer_bytes
+            out[f"{k}_step_s"] = self.step_s[name]
+        return out
 
 
 def compare_methods(methods: dict[str, Method], task: InstructionTask, seeds: Sequence[int],
@@ -369,4 +385,4 @@ def compare_methods(methods: dict[str, Method], task: InstructionTask, seeds: Se
                                                  method.schedule, seed))
     times = compare_times({name: runs[-1].step for name, runs in results.items()},
                           repeats=timing_repeats, warmup=1)
-    return Comparison(results, {name: t.median_s for name, t in times.items()})
+    return Comparison(results, {name: t.median_s for name, t in times.items()}, list(seeds))

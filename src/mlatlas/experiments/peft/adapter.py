@@ -92,15 +92,8 @@ def run(cfg: Config, out: Path) -> Report:
     }
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     cmp = compare_methods(methods, task, seeds, cfg.timing_repeats)
-    for name, runs in cmp.results.items():
-        rep.metric(f"{name}_trainable_share", runs[0].share)
-        rep.metric(f"{name}_trainable_params", runs[0].trainable)
-        rep.metric(f"{name}_accuracy_mean", cmp.accuracy(name))
-        for seed, r in zip(seeds, runs):
-            rep.metric(f"{name}_accuracy_seed{seed}", r.accuracy)
-        rep.metric(f"{name}_grad_bytes", runs[0].gradient_bytes)
-        rep.metric(f"{name}_optimizer_state_bytes", runs[0].optimizer_bytes)
-        rep.metric(f"{name}_step_s", cmp.step_s[name])
+    for name, value in cmp.metrics().items():
+        rep.metric(name, value)
     said = f"mean of seeds {seeds}, {len(task.eval)} held-out instructions"
     full = cmp.accuracy("full")
     floor = 1 / len(task.eval)

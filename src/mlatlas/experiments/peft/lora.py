@@ -111,16 +111,8 @@ def run(cfg: Config, out: Path) -> Report:
                                         FineTuneSchedule(cfg.steps, cfg.batch, cfg.lr_lora))
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     cmp = compare_methods(methods, task, seeds, cfg.timing_repeats)
-    for name, runs in cmp.results.items():
-        key = _key(name)
-        rep.metric(f"{key}_trainable_share", runs[0].share)
-        rep.metric(f"{key}_trainable_params", runs[0].trainable)
-        rep.metric(f"{key}_accuracy_mean", cmp.accuracy(name))
-        for seed, r in zip(seeds, runs):
-            rep.metric(f"{key}_accuracy_seed{seed}", r.accuracy)
-        rep.metric(f"{key}_grad_bytes", runs[0].gradient_bytes)
-        rep.metric(f"{key}_optimizer_state_bytes", runs[0].optimizer_bytes)
-        rep.metric(f"{key}_step_s", cmp.step_s[name])
+    for name, value in cmp.metrics(_key).items():
+        rep.metric(name, value)
     first = f"lora r={cfg.ranks[0]}"
     said = f"mean of seeds {seeds}, {len(task.eval)} held-out instructions"
     lead = cmp.results[first][0]

@@ -81,16 +81,8 @@ def run(cfg: Config, out: Path) -> Report:
         methods["prefix (direct)"] = Method(lambda s: _prefixed(cfg, False, s), schedule)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     cmp = compare_methods(methods, task, seeds, cfg.timing_repeats)
-    for name, runs in cmp.results.items():
-        key = "prefix_mlp" if "MLP" in name else "prefix_direct"
-        rep.metric(f"{key}_trainable_share", runs[0].share)
-        rep.metric(f"{key}_trainable_params", runs[0].trainable)
-        rep.metric(f"{key}_accuracy_mean", cmp.accuracy(name))
-        for seed, r in zip(seeds, runs):
-            rep.metric(f"{key}_accuracy_seed{seed}", r.accuracy)
-        rep.metric(f"{key}_grad_bytes", runs[0].gradient_bytes)
-        rep.metric(f"{key}_optimizer_state_bytes", runs[0].optimizer_bytes)
-        rep.metric(f"{key}_step_s", cmp.step_s[name])
+    for name, value in cmp.metrics(lambda n: "prefix_mlp" if "MLP" in n else "prefix_direct").items():
+        rep.metric(name, value)
     floor = 1 / len(task.eval)
     acc = cmp.accuracy("prefix (MLP)")
     rep.claim("prefix tuning exact match / frozen base's", acc / max(base_acc, floor),

@@ -21,7 +21,7 @@ import torch
 
 from mlatlas.datasets.coco_format import cocoeval_map50
 from mlatlas.datasets.shapes import SceneSpec, make_scenes, random_horizontal_flip
-from mlatlas.plots import curves, detections, figure
+from mlatlas.plots import detections, figure, loss_curve
 from mlatlas.report import Report
 from mlatlas.runtime import progress
 from mlatlas.training_state import load_checkpoint, save_checkpoint
@@ -157,11 +157,7 @@ def run(cfg: Config, out: Path) -> Report:
         rep.claim("|our mAP@0.5 − pycocotools COCOeval| on these detections",
                   abs(coco - m.map_50), 1e-9, op="<=")
     with figure(out / "training.png") as (_, ax):
-        k = max(1, len(history) // 50)
-        smooth = [sum(history[i:i + k]) / len(history[i:i + k])
-                  for i in range(0, len(history), k)]
-        curves(ax, {"total loss": smooth}, x=list(range(0, len(history), k)), xlabel="step",
-               ylabel="loss", logy=True, title="R-FCN training")
+        loss_curve(ax, history, "total loss", "R-FCN training")
     rep.figure(out / "training.png")
     _draw(out / "detections.png", test, dets, test.classes)
     rep.figure(out / "detections.png")

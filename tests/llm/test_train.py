@@ -12,6 +12,9 @@ rank's loss is its share of the global token mean, so the runs agree to rounding
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -32,6 +35,7 @@ TINY = ["llama", "--steps", "3", "--batch", "4", "--seq-len", "24", "--hidden-si
 PARTS = ["--packing", "--attention", "flash", "--checkpointing", "sqrt", "--lora",
          "r=4,alpha=8"]
 LOSS_ATOL = 1e-5
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _free_port() -> int:
@@ -169,3 +173,38 @@ def test_the_cli_dispatches_train(capsys):
 
     assert cli_main(["train", "--help"]) == 0
     assert "--strategy {ddp,zero1,zero2,fsdp2}" in capsys.readouterr().out
+
+
+def _readme_torchrun_lines() -> list[list[str]]:
+    """The ``torchrun`` lines of the README's ``sh`` block (continuations joined)."""
+    (block,) = re.findall(r"^```sh\n(.*?)^```", README.read_text(), re.M | re.S)
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()
+            if "torchrun" in line]
+
+
+def test_readme_several_machines_lines_run_on_two_local_nodes(tmp_path):
+    """The README's two ``torchrun`` lines, as written, on this machine: the standalone line,
+    then the several-machines line started twice — two "machines" of one process each
+    (``--nproc-per-node 4`` → 1 on 2 cores), meeting at a c10d rendezvous on localhost in
+    place of ``HOST:29500`` — with the tiny model's options appended. Both nodes exit 0 and
+    rank 0 writes a completed 2-process run."""
+    standalone, nodes = _readme_torchrun_lines()
+    assert "--standalone" in standalone and "--nnodes" in nodes and "HOST:29500" in nodes
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "PYTHONPATH": str(README.parent / "src"), "MLATLAS_NO_PROGRESS": "1"}
+    # standalone: 2 processes on this machine (its default --out is runs/train/<timestamp>)
+    res = subprocess.run([*torchrun, *standalone[1:], *TINY[1:]], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = (tmp_path / "runs" / "train").iterdir()
+    assert _metrics(run)["world_size"] == 2
+    # several machines: the same line on each node
+    out = tmp_path / "shared" / "runs" / "llama"
+    swap = {"HOST:29500": f"127.0.0.1:{_free_port()}", "4": "1", "/shared/runs/llama": str(out)}
+    argv = [*torchrun, *[swap.get(w, w) for w in nodes[1:]], *TINY[1:]]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    m = _metrics(out)
+    assert (m["world_size"], m["strategy"], m["completed"]) == (2, "fsdp2", True)

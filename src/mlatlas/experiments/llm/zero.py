@@ -17,8 +17,10 @@ bytes per parameter in :func:`mlatlas.llm.zero.model_state_bytes`):
   state at stage 1, or if the sharding padded much);
 * stage 3 (FSDP2) per-rank model-state bytes ≤ 0.3 × DDP's at the largest ``N`` (= 4:
   the model says 1/N = 0.25);
-* every strategy ends where single-process training on the whole batch ends
-  (max |Δθ| ≤ 1e-6, fp32).
+* every strategy ends where single-process training on the whole batch ends, and ZeRO and
+  FSDP2 end where DDP ends (max |Δθ| ≤ 1e-6, fp32, the issue's setting);
+* the same in float64, where rounding cannot reach 1e-6 and only an algorithmic difference
+  can (fp32 Adam amplifies the ranks' different summation order; see the run's notes).
 
 ``bench`` builds the four strategies side by side on each group and times one training step
 of each, interleaved (:func:`mlatlas.measure.compare_times`; on a CPU, for information),
@@ -212,6 +214,14 @@ def _per_rank(results: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     return [res[key] for res in results if key in res]
 
 
+def _parity(ref: dict[str, torch.Tensor], full: dict[str, dict[str, torch.Tensor]],
+            strategy: str, n: int) -> dict[str, float]:
+    """Max |Δθ| of ``strategy`` on ``n`` ranks vs single-process ``ref`` and vs DDP."""
+    ours = full[f"{strategy}/{n}"]
+    return {base: max(float((ours[k] - theirs[k]).abs().max()) for k in ref)
+            for base, theirs in (("single", ref), ("ddp", full[f"ddp/{n}"]))}
+
+
 def run(cfg: Config, out: Path) -> Report:
     """Per-rank bytes of every strategy and N against the model; parity with one process."""
     rep = Report()
@@ -239,8 +249,7 @@ def run(cfg: Config, out: Path) -> Report:
                        unit="KiB")
             rep.metric(f"{s} N={n}: optimizer-state KiB on rank 0",
                        ranks[0]["optimizer"] / 1024, unit="KiB")
-            for base, theirs in (("single", ref), ("ddp", full[f"ddp/{n}"])):
-                diff = max(float((full[f"{s}/{n}"][k] - theirs[k]).abs().max()) for k in ref)
+            for base, diff in _parity(ref, full, s, n).items():
                 rep.metric(f"{s} N={n}: max |Δθ| vs {base}", diff)
                 parity[base] = max(parity[base], diff)
     rep.claim("max over strategies, N and ranks of |measured − model| / model", worst,
@@ -252,19 +261,32 @@ def run(cfg: Config, out: Path) -> Report:
               "<=", unit="x", target_source="stage3_ratio",
               detail=f"model: 1/N = {1 / n:.3f}")
     steps = f"{cfg.steps} AdamW steps, {cfg.dtype}, N ∈ {list(cfg.world_sizes)}"
-    rep.claim("max |Δθ| of ZeRO-1, ZeRO-2 and FSDP2 vs DDP (same N, same batches)",
-              parity["ddp"], cfg.parity_atol, "<=", target_source="parity_atol", detail=steps)
-    rep.claim("max |Δθ| of every strategy (DDP included) vs single-process training on the "
-              "whole batch", parity["single"], cfg.parity_atol, "<=",
+    rep.claim(f"{cfg.dtype}: max |Δθ| of ZeRO-1, ZeRO-2 and FSDP2 vs DDP (same N, same "
+              "batches)", parity["ddp"], cfg.parity_atol, "<=", target_source="parity_atol",
+              detail=steps)
+    rep.claim(f"{cfg.dtype}: max |Δθ| of every strategy (DDP included) vs single-process "
+              "training on the whole batch", parity["single"], cfg.parity_atol, "<=",
               target_source="parity_atol", detail=steps)
-    rep.note("Parity: the data-parallel ranks sum their gradients in another order than one "
-             "process sums the whole batch, and N = 4 ranks reduce in another order under "
-             "DDP's all-reduce than under ZeRO's reduce-scatter; Adam's normalised update "
-             "m/(√v + ε) turns these fp32 rounding differences of near-zero gradient entries "
-             "into parameter differences of up to ~1e-5 after 3 steps at lr 1e-2 — DDP itself "
-             "misses single-process training by as much. With `--set dtype=float64` the same "
-             "run measured 2.3e-14 vs single process and 3.6e-15 vs DDP (shared 2-core VM), "
-             "so the strategies compute the same update and the fp32 gap is rounding.")
+    if cfg.dtype != "float64":  # the same runs in float64: what is left is the algorithm
+        cfg64 = dataclasses.replace(cfg, dtype="float64")
+        ref64 = _single_process(cfg64)
+        _, full64 = _launch(cfg64, "run")
+        worst64 = max(d for n in cfg.world_sizes for s in STRATEGIES
+                      for d in _parity(ref64, full64, s, n).values())
+        rep.claim("float64: max |Δθ| of every strategy vs single process and vs DDP",
+                  worst64, cfg.parity_atol, "<=", target_source="parity_atol",
+                  detail=steps.replace(cfg.dtype, "float64"))
+    rep.note("Parity is measured twice. In the run's dtype (fp32, the issue's setting) the "
+             "data-parallel ranks sum their gradients in another order than one process sums "
+             "the whole batch, and N = 4 ranks reduce in another order under DDP's all-reduce "
+             "than under ZeRO's reduce-scatter; Adam's normalised update m/(√v + ε) turns "
+             "these rounding differences of near-zero gradient entries into parameter "
+             "differences of up to ~1e-5 after 3 steps at lr 1e-2 — DDP itself misses "
+             "single-process training by as much, so the fp32 claims can fail without any "
+             "strategy being wrong. The same runs in float64 (rounding ~1e-16) can only "
+             "reach the 1e-6 bound through an algorithmic difference: a wrong gradient "
+             "average, a lost shard, a stale parameter. tests/llm/test_zero.py holds every "
+             "strategy to 1e-6 in fp32 over 3 steps with the training command's warm-up.")
     rep.note("Bytes are counted from the tensors each rank holds after the last optimizer "
              "step (before zero_grad): each storage once, a flat buffer with its padding. "
              "Beyond the model, ranks hold AdamW's step counters (4 B per state entry) and "

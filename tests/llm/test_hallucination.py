@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlatlas.datasets.corpus import sample_windows
 from mlatlas.datasets.facts import RELATIONS, FactTokenizer, make_fact_world
 from mlatlas.llm.dola import dola_generate, dola_logits, early_exit_logits, js_divergence
 from mlatlas.llm.hallucination import (
@@ -181,6 +182,28 @@ def test_fact_world_and_tokenizer():
     assert stream.count(tok.eos_id) == 5 * 2 + 3
     text = tok.decode(stream[1:stream.index(tok.eos_id, 1)])
     assert tok.encode(text) == stream[1:stream.index(tok.eos_id, 1)]
+
+
+def test_training_windows_start_at_documents():
+    """The fact LM's windows start at an <eos>, so a reading exercise (33 tokens) always sits in
+    one 40-token window with its context; windows drawn from a given start list only."""
+    world = make_fact_world(5, 3, 2, seed=1)
+    tok = world.tokenizer
+    stream = torch.tensor(world.training_stream(4, 30, seed=0))
+    starts = (stream == tok.eos_id).nonzero().flatten()
+    starts = starts[starts < stream.numel() - 40]
+    x, y = sample_windows(stream, 64, 40, torch.Generator().manual_seed(0), starts)
+    assert (x[:, 0] == tok.eos_id).all() and torch.equal(x[:, 1:], y[:, :-1])
+    context, answer = tok.encode("context")[0], tok.encode("answer")[0]
+    for row in x.tolist():
+        if row[1] == context:  # a whole exercise: context, answer and its three values
+            assert answer in row and row.index(tok.eos_id, 1) == 33
+    with pytest.raises(ValueError, match="starts must be a non-empty 1-D int64 tensor in "
+                                         "\\[0, 10\\) \\(len\\(tokens\\) - seq_len\\), got "
+                                         "torch.int64 \\(1,\\) in \\[10, 10\\]"):
+        sample_windows(torch.arange(12), 2, 2, torch.Generator(), torch.tensor([10]))
+    with pytest.raises(ValueError, match="starts must be a non-empty"):
+        sample_windows(torch.arange(12), 2, 2, torch.Generator(), torch.tensor([], dtype=torch.long))
 
 
 def test_bad_input():

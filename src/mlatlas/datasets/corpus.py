@@ -292,8 +292,8 @@ def unigram_entropy(tokens: Tensor, vocab_size: int) -> float:
     return float(-(p * p.log()).sum())  # H = -Σ p ln p
 
 
-def sample_windows(tokens: Tensor, batch: int, seq_len: int,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_windows(tokens: Tensor, batch: int, seq_len: int, generator: torch.Generator,
+                   starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Random windows of a token stream for next-token training.
 
     Args:
@@ -301,6 +301,8 @@ def sample_windows(tokens: Tensor, batch: int, seq_len: int,
         batch: Number of windows ``B``.
         seq_len: Window length ``T``.
         generator: The only source of randomness (seed it for reproducibility).
+        starts: int64 ``[S]`` the positions a window may start at (e.g. document starts, so
+            that no window cuts a document's beginning off); default every position.
 
     Returns:
         ``(inputs [B, T], targets [B, T])`` with ``targets[:, t] = inputs[:, t + 1]``.
@@ -308,8 +310,18 @@ def sample_windows(tokens: Tensor, batch: int, seq_len: int,
     if tokens.dim() != 1 or tokens.numel() <= seq_len:
         raise ValueError(f"tokens must be 1-D and longer than seq_len={seq_len}, got shape "
                          f"{tuple(tokens.shape)}")
-    starts = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=generator)
-    idx = starts[:, None] + torch.arange(seq_len + 1)
+    if starts is None:
+        first = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=generator)
+    else:
+        if starts.dim() != 1 or starts.numel() == 0 or starts.dtype != torch.long or \
+                int(starts.min()) < 0 or int(starts.max()) >= tokens.numel() - seq_len:
+            raise ValueError(f"starts must be a non-empty 1-D int64 tensor in [0, "
+                             f"{tokens.numel() - seq_len}) (len(tokens) - seq_len), got "
+                             f"{starts.dtype} {tuple(starts.shape)}"
+                             + (f" in [{int(starts.min())}, {int(starts.max())}]"
+                                if starts.numel() else ""))
+        first = starts[torch.randint(0, starts.numel(), (batch,), generator=generator)]
+    idx = first[:, None] + torch.arange(seq_len + 1)
     win = tokens[idx]
     return win[:, :-1], win[:, 1:]
 

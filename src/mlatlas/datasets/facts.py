@@ -116,6 +116,15 @@ class FactWorld:
         return " ".join(sentence(entity, r, self.facts[entity][r])
                         for r in rng.permutation(rels))
 
+    def reading_exercise(self, rng: np.random.Generator) -> str:
+        """``context : <facts> answer : <bio>`` about a random name with random (uniform) values,
+        the context and the answer each in their own random order."""
+        name = str(rng.choice(names()))
+        vals = {r: str(rng.choice(v)) for r, (_, v) in RELATIONS.items()}
+        ctx = " ".join(sentence(name, r, vals[r]) for r in rng.permutation(list(vals)))
+        ans = " ".join(sentence(name, r, vals[r]) for r in rng.permutation(list(vals)))
+        return f"context : {ctx} answer : {ans}"
+
     def training_stream(self, repeats: int, rag_docs: int, seed: int) -> list[int]:
         """Token ids of ``<eos>``-separated documents in random order.
 
@@ -125,12 +134,7 @@ class FactWorld:
         """
         rng = np.random.default_rng(seed)
         docs = [self.bio(e, rng) for e in self.known for _ in range(repeats)]
-        for _ in range(rag_docs):
-            name = str(rng.choice(names()))
-            vals = {r: str(rng.choice(v)) for r, (_, v) in RELATIONS.items()}
-            ctx = " ".join(sentence(name, r, vals[r]) for r in rng.permutation(list(vals)))
-            ans = " ".join(sentence(name, r, vals[r]) for r in rng.permutation(list(vals)))
-            docs.append(f"context : {ctx} answer : {ans}")
+        docs += [self.reading_exercise(rng) for _ in range(rag_docs)]
         ids: list[int] = []
         for i in rng.permutation(len(docs)):
             ids += [self.tokenizer.eos_id] + self.tokenizer.encode(docs[i])

@@ -106,7 +106,8 @@ def evaluate_loss(model: nn.Module, tokens: Tensor, seq_len: int,
 def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor,
              schedule: PretrainSchedule, generator: torch.Generator, *, start: int = 0,
              stop: int | None = None, description: str = "pretrain",
-             on_step: Callable[[int, float], None] | None = None) -> list[float]:
+             on_step: Callable[[int, float], None] | None = None,
+             starts: Tensor | None = None) -> list[float]:
     """Run optimizer steps ``start … stop-1`` of ``schedule`` in place (resumable).
 
     Args:
@@ -119,6 +120,7 @@ def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor,
         stop: One past the last step; default ``schedule.steps``.
         description: Progress-bar label.
         on_step: Called as ``on_step(step + 1, loss)`` after every step.
+        starts: Positions windows may start at (see :func:`sample_windows`); default all.
 
     Returns:
         The training loss of every step run.
@@ -129,7 +131,7 @@ def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor,
     for step in progress(range(start, stop), stop - start, description):
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(schedule, step)
-        x, y = sample_windows(tokens, schedule.batch, schedule.seq_len, generator)
+        x, y = sample_windows(tokens, schedule.batch, schedule.seq_len, generator, starts)
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # L(θ)
         optimizer.zero_grad(set_to_none=True)

@@ -3,9 +3,11 @@ mitigate it by contrastive-layer decoding (DoLa) and retrieval-augmented generat
 
 ``run`` trains a tiny Llama on an embedded synthetic fact base
 (:mod:`mlatlas.datasets.facts`): biographies of *known* people, plus reading exercises
-(``context : … answer : …`` about random names) that teach it to copy facts from a context.
-It then questions the model about known people, people only in the fact base
-(*retrievable*) and people in neither (*unknown*):
+(``context : … answer : …`` about random names with random values) that teach it to copy facts
+from a context — in exactly the format retrieval uses at inference, every training window
+starting at a document so that no exercise loses its context. How well it reads is measured
+on held-out exercises. It then questions the model about known people, people only in the
+fact base (*retrievable*) and people in neither (*unknown*):
 
 * **detection** — for every (person, relation) prompt the greedy answer is labelled
   hallucinated when the fact base does not support it; SelfCheck's score ``1 − agreement``
@@ -24,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlatlas.datasets.facts import RELATIONS, FactWorld, make_fact_world
@@ -60,9 +63,9 @@ class Config:
     zipf: float = 1.0  # popularity skew of attribute values
     repeats: int = 16  # shuffled biographies per known person in the training stream
     rag_docs: int = 1200  # context-reading exercises in the training stream
-    steps: int = 200  # pretraining steps
-    batch: int = 32  # windows per step
-    seq_len: int = 64  # window length
+    steps: int = 600  # pretraining steps
+    batch: int = 16  # windows per step
+    seq_len: int = 40  # window length; windows start at a document (a whole exercise is 33)
     lr: float = 3e-3  # AdamW peak learning rate
     hidden: int = 64  # model width
     layers: int = 4  # decoder layers
@@ -82,24 +85,77 @@ class Config:
 
     @classmethod
     def full(cls) -> Config:
-        """Five times the training steps: the LM memorises the known people's facts."""
-        return cls(steps=1000)
+        """Five times the default's training steps."""
+        return cls(steps=3000)
+
+
+NOTES = (
+    "Design, measured on the shared 2-core VM (2026-11-30). First version (init std 0.02, "
+    "random 64-token windows, 200 steps × 32): RAG −0.018 (default), +0.014 (1000 steps) — the "
+    "LM did not read its context although the retrieval prompt had the exercises' format and "
+    "exercises were 73 % of the training tokens: on held-out exercises it copied the value at "
+    "chance (0.11/0.12/0.15 for lives_in/works_as/likes, chance 0.125) after 200 steps and "
+    "0.63/0.14/0.91 after 1000. Two causes, each measured: (1) Hugging Face's init std 0.02 "
+    "(the 1/√d scale of d ≈ 2500) is 6× too small at d = 64 and leaves the copying attention "
+    "heads in a long plateau — the fan-in std 1/√64 makes them form within ~300 steps; (2) random "
+    "windows cut exercises: only 62 % of the answer values had their context inside the window "
+    "— windows now start at a document (every exercise, 33 tokens, whole in 40). With (1) alone "
+    "copying reached 0.11/0.24/0.31 (RAG +0.065); with (1)+(2) 0.97/0.96/0.79 (RAG +0.34). The "
+    "three per-relation lookups form one at a time at a seed-dependent step, so the default "
+    "spends its budget on steps (600 × 16 windows of 40, fewer tokens than before): RAG gain "
+    "+0.39/+0.31/+0.27 over seeds 0/1/2 (600 × 16), where 400 × 24 failed on seed 1 (+0.13, "
+    "likes copied at 0.20). --full (3000 steps, 96 s): RAG +0.40. DoLa: facts surface late as "
+    "DoLa assumes (early-exit accuracy on known people 0.00/0.32/0.89/1.00 at layers 0-3, final "
+    "1.00), but greedy is already at precision 1.00 on known people, so there is nothing to "
+    "correct; its ±0.02 comes from people the model never saw (seeds 0/1/2: +0.022/−0.011/"
+    "−0.015; --full +0.019; one fixed premature layer 0/1/2/3: +0.022/+0.005/+0.019/−0.006). "
+    "SelfCheck: the better-trained LM confabulates confidently about people it never saw — 37 % "
+    "of its hallucinated answers get all 10 samples agreeing (10 % before) — so AUROC is 0.75 "
+    "(default; 0.86/0.72 on seeds 1/2) and 0.71 (--full), where the first version had 0.55 "
+    "(200 steps) and 0.84 (1000 steps): the sampling-consistency premise fails for a model that "
+    "is consistently wrong."
+)
 
 
 def train_model(world: FactWorld, cfg: Config) -> Llama:
     """Pretrain a tiny Llama on the world's training stream."""
     tok = world.tokenizer
     stream = torch.tensor(world.training_stream(cfg.repeats, cfg.rag_docs, cfg.seed))
+    # windows start at an <eos>: a reading exercise is never cut off from its context
+    starts = (stream == tok.eos_id).nonzero().flatten()
+    starts = starts[starts < stream.numel() - cfg.seq_len]
     torch.manual_seed(cfg.seed)
+    # fan-in init std 1/√d: Hugging Face's 0.02 is that scale for d ≈ 2500; at d = 64 it is 6×
+    # too small and stalls the attention heads that copy from context (see the run's notes)
     model = Llama(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden,
                               intermediate_size=int(8 * cfg.hidden / 3), num_layers=cfg.layers,
                               num_heads=4, num_kv_heads=2, max_position_embeddings=256,
-                              tie_word_embeddings=True))
+                              tie_word_embeddings=True, initializer_range=cfg.hidden ** -0.5))
     schedule = PretrainSchedule(steps=cfg.steps, batch=cfg.batch, seq_len=cfg.seq_len,
                                 lr=cfg.lr, warmup=20)
     pretrain(model, adamw_for(model, schedule), stream, schedule,
-             torch.Generator().manual_seed(cfg.seed), description="train fact LM")
+             torch.Generator().manual_seed(cfg.seed), description="train fact LM", starts=starts)
     return model.eval()
+
+
+@torch.no_grad()
+def reading_accuracy(model: Llama, world: FactWorld, n: int, seed: int) -> dict[str, float]:
+    """Per relation, how often the model copies the value from the context: ``n`` held-out
+    reading exercises (the training format, fresh random names and values), teacher-forced,
+    argmax at each answer value. Chance is 1/8 (uniform values)."""
+    tok = world.tokenizer
+    rng = np.random.default_rng(seed + 1)  # the training stream draws from ``seed``
+    answer = tok.encode("answer")[0]
+    docs = [world.reading_exercise(rng) for _ in range(n)]
+    ids = torch.tensor([[tok.eos_id] + tok.encode(d) for d in docs])
+    pred = model(ids).argmax(-1)
+    hits: dict[str, list[bool]] = {r: [] for r in RELATIONS}
+    for row, guess in zip(ids.tolist(), pred.tolist()):
+        for t in range(row.index(answer) + 1, len(row)):
+            for r, (_, values) in RELATIONS.items():
+                if tok.vocab[row[t]] in values:
+                    hits[r].append(guess[t - 1] == row[t])
+    return {r: sum(h) / len(h) for r, h in hits.items()}
 
 
 def fact_base(world: FactWorld) -> FactBase:
@@ -223,6 +279,8 @@ def run(cfg: Config, out: Path) -> Report:
         rep.metric(f"FActScore precision, greedy, {group} people", sub.precision)
         lab = [lb for lb, gr in zip(det["labels"], det["groups"]) if gr == group]
         rep.metric(f"hallucinated answers, {group} people", sum(lab) / len(lab))
+    for relation, acc in reading_accuracy(model, world, 300, cfg.seed).items():
+        rep.metric(f"reads the context: {relation} value copied (held-out exercises)", acc)
     rep.metric("fact-base contradictions", len(base.contradictions))
     with figure(out / "hallucination", ncols=2) as (_, axes):
         pos = [s for s, lb in zip(det["scores"], det["labels"]) if lb]
@@ -239,13 +297,7 @@ def run(cfg: Config, out: Path) -> Report:
         axes[0, 1].set_xticks([i + 0.2 for i in range(len(names))], names, fontsize=6)
         axes[0, 1].legend(fontsize=7)
     rep.figure(out / "hallucination.png")
-    rep.note("Measured on the shared 2-core VM (2026-11-30): the default 200 steps leave the "
-             "LM near the value priors (67 % of its answers about known people unsupported; "
-             "AUROC 0.554, RAG −0.018, DoLa −0.245). --full (1000 steps, 149 s under load) "
-             "memorises the known people (precision 0.98) and SelfCheck AUROC reaches 0.836, "
-             "but the LM has not learned to copy facts from a context (RAG +0.014 over greedy "
-             "0.590) and DoLa's contrast with layers 0-2 of a 4-layer LM lowers precision "
-             "(−0.029): the mitigation claims do not reproduce at this scale.")
+    rep.note(NOTES)
     rep.note(f"example (unknown person), greedy: {bios['greedy'][-1]!r}; RAG: "
              f"{bios['retrieval (RAG)'][-1]!r} (abstains: not in the fact base)")
     return rep

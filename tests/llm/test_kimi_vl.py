@@ -262,3 +262,42 @@ def test_experiment_normalises_pixels_like_kimi_image_processor(reference):
     want = patchify([(s.image - mean) / std for s in scenes], P)
     torch.testing.assert_close(packed.pixel_values, want.pixel_values, atol=1e-6, rtol=1e-6)
     assert packed.pixel_values.min() < 0  # centred, not the raw [0, 1] scenes
+
+
+def test_position_table_init_matches_transformers_kimi_k25(reference):
+    """The learned position table starts as transformers' ``Kimi_K25`` does: truncated N(0, 1)
+    on [−2, 2] (std 0.88), not 0.02 — at width 48 a 0.02 table was 4 % of the patch embedding
+    and a one-object left/right probe stayed at chance (see the kimi-vl run notes)."""
+    tf = reference("transformers")
+    from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25VisionModel
+
+    vc = tf.Kimi_K25VisionConfig(patch_size=P, pos_emb_height=16, pos_emb_width=16,
+                                 num_attention_heads=2, num_hidden_layers=1, hidden_size=24,
+                                 intermediate_size=40)
+    torch.manual_seed(0)
+    theirs = Kimi_K25VisionModel(vc).patch_embed.pos_emb.position_embeddings
+    ours = MoonViT(MoonViTConfig(**{**VCFG, "num_layers": 1, "pos_emb_height": 16,
+                                    "pos_emb_width": 16})).patch_embed.pos_emb.position_embeddings
+    assert theirs.shape == ours.shape
+    for t in (theirs.detach(), ours.detach()):
+        assert abs(float(t.std()) - 0.880) < 0.03 and float(t.abs().max()) <= 2.0
+
+
+def test_experiment_model_uses_fan_in_init():
+    """The tiny VLM's weights start at N(0, 1/fan_in) (``fan_in_init``), its embeddings at
+    1/√d; ``fan_in_init=False`` keeps PyTorch's defaults and the 0.02 embeddings."""
+    from mlatlas.experiments.llm import kimi_vl as exp
+
+    cfg = exp.Config(vision_width=48, text_width=64, expert_width=48)
+    torch.manual_seed(0)
+    model = exp.build_model(cfg, balancing=True).requires_grad_(False)
+    for w, fan_in in ((model.vision_tower.layers[0].attn.q_proj.weight, 48),
+                      (model.vision_tower.patch_embed.proj.weight, 3 * P * P),
+                      (model.mm_projector.in_proj.weight, 4 * 48),
+                      (model.layers[0].self_attn.q_proj.weight, 64),
+                      (model.layers[1].mlp.experts[0].down_proj.weight, 48),
+                      (model.embed_tokens.weight, 64), (model.lm_head.weight, 64)):
+        torch.testing.assert_close(float(w.std()), fan_in ** -0.5, atol=0, rtol=0.1)
+    assert float(model.mm_projector.in_proj.bias.abs().max()) == 0.0
+    old = exp.build_model(exp.Config(fan_in_init=False), balancing=True).requires_grad_(False)
+    torch.testing.assert_close(float(old.embed_tokens.weight.std()), 0.02, atol=0, rtol=0.1)

@@ -238,7 +238,8 @@ class _PatchEmbed(nn.Module):
         self.pos_emb = nn.Module()
         self.pos_emb.position_embeddings = nn.Parameter(
             torch.zeros(config.pos_emb_height, config.pos_emb_width, config.hidden_size))
-        nn.init.trunc_normal_(self.pos_emb.position_embeddings, std=0.02)
+        # transformers' Kimi_K25 init: truncated N(0, 1) on [−2, 2] (not the 0.02 of its Linears)
+        nn.init.trunc_normal_(self.pos_emb.position_embeddings, std=1.0, a=-2.0, b=2.0)
 
 
 class MoonViT(nn.Module):

@@ -274,3 +274,22 @@ def test_console_script_is_installed():
     res = subprocess.run([sys.executable, "-m", "mlatlas.cli", "--version"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "mlatlas" in res.stdout
+
+
+def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Default output folders are per run even within one second: the README's `run ddim
+    --seed 3` then `run ddim` once shared a folder, and the second refused the first's
+    checkpoint."""
+    from mlatlas import runner
+
+    class Frozen(runner.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 30, 17, 19, 53)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "datetime", Frozen)
+    first, second = runner.default_out("ddim"), runner.default_out("ddim")
+    assert first.name == "20261130-171953" and second.name == "20261130-171953-2"
+    assert first.is_dir() and second.is_dir()
+    assert runner.default_out("ddim", "bench").name == "bench-20261130-171953"

@@ -90,7 +90,7 @@ class Config:
 
 
 NOTES = (
-    "Design, measured on the shared 2-core VM (2026-11-30). First version (init std 0.02, "
+    "Design, diagnosed on the shared 2-core VM (2026-11-30; this run's own numbers are above). First version (init std 0.02, "
     "random 64-token windows, 200 steps × 32): RAG −0.018 (default), +0.014 (1000 steps) — the "
     "LM did not read its context although the retrieval prompt had the exercises' format and "
     "exercises were 73 % of the training tokens: on held-out exercises it copied the value at "
@@ -103,21 +103,16 @@ NOTES = (
     "copying reached 0.11/0.24/0.31 (RAG +0.065); with (1)+(2) 0.97/0.96/0.79 (RAG +0.34), on "
     "the same 410k training tokens. The "
     "three per-relation lookups form one at a time at a seed-dependent step, so the default "
-    "spends its budget on steps (600 × 16 windows of 40, fewer tokens than before): RAG gain "
-    "+0.39/+0.31/+0.27/+0.35/+0.36 over seeds 0-4 (600 × 16), where 400 × 24 failed on seed 1 (+0.13, "
-    "likes copied at 0.20). Of the default's +0.39, +0.23 is reading (RAG 0.996 vs greedy 0.770 "
-    "on the people RAG answers), the rest abstaining on unknown people. --full (3000 steps, "
-    "103 s under load): RAG +0.40. DoLa: facts surface late as "
-    "DoLa assumes (early-exit accuracy on known people 0.00/0.32/0.89/1.00 at layers 0-3, final "
-    "1.00), but greedy is already at precision 1.00 on known people, so there is nothing to "
-    "correct; its ±0.02 comes from people the model never saw (seeds 0-4: +0.022/−0.011/"
-    "−0.015/−0.003/+0.005; --full +0.019; one fixed premature layer 0/1/2/3: +0.022/+0.005/+0.019/−0.006). "
+    "spends its budget on steps (600 × 16 windows of 40, fewer tokens than before; 400 × 24 "
+    "left one relation uncopied on seed 1). DoLa: facts surface late as DoLa assumes "
+    "(early-exit accuracy on known people 0.00/0.32/0.89/1.00 at layers 0-3), but greedy is "
+    "already right on known people, so there is little to correct; what DoLa changes is "
+    "answers about people the model never saw. "
     "SelfCheck: the better-trained LM confabulates confidently about people it never saw — 37 % "
     "of its hallucinated answers get all 10 samples agreeing (10 % for the first version at 1000 "
-    "steps) — so AUROC is 0.75 "
-    "(default; 0.86/0.72/0.77/0.85 on seeds 1-4) and 0.71 (--full), where the first version had 0.55 "
-    "(200 steps) and 0.84 (1000 steps): the sampling-consistency premise fails for a model that "
-    "is consistently wrong."
+    "steps), which sampling consistency cannot flag: its premise fails for a model that is "
+    "consistently wrong (the first version's AUROC, 0.84 at 1000 steps, came from a model that "
+    "could not read either)."
 )
 
 

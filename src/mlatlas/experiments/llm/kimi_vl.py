@@ -42,19 +42,6 @@ IMG, ANS = token_id("<img>"), token_id("<ans>")
 #: ``IMAGENET_STANDARD_MEAN/STD``): ``[0, 1]`` → ``[−1, 1]``. Without it the mostly dark
 #: background makes the patch embeddings nearly one vector (the tower collapsed in training).
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
-#: What the default and --full runs gave (measured; printed with every run).
-FULL_NOTE = (
-    "Runs (shared 2-core VM under load, 2026-11-30). Default (100 steps, ≈ 19.6 s CPU, 39 s "
-    "wall): the claim fails on seeds 0/1/2 (margin 0.095 / 0.045 / 0.115; VLM 0.40 / 0.41 / "
-    "0.43): 100 steps are too few for any kind — even count needs more (0.78 after 400 "
-    "steps, 0.98 after 800, 2000 scenes, old init). --full (4000 scenes, 1500 steps of 32, seed 0; 424 s CPU, 933 s wall): VLM 0.664 "
-    "vs text-only 0.363, margin 0.301 (holds; 0.26 before the init change): colour 0.57, "
-    "shape 0.48, count 0.90, left/right 0.71 (before: 0.64, 0.38, 0.98, 0.49); seed 1 (without "
-    "the no-balancing model; 267 s CPU, 959 s wall): 0.655 vs 0.385, margin 0.270 (holds; "
-    "0.62, 0.45, 0.97, 0.58). It holds on both seeds, 0.02-0.05 above the target: shape "
-    "(circle vs square) still limits colour and left/right in multi-object scenes. Pixels are "
-    "normalised as Kimi's processor does: with raw [0, 1] pixels the tower's output collapsed "
-    "to one vector (std over tokens 0.25 → 0.05) and --full gave 0.366 vs 0.363.")
 
 
 @dataclass
@@ -280,7 +267,6 @@ def run(cfg: Config, out: Path) -> Report:
              "why position was not learned, not why shape is not. With two or three objects "
              "the colour and left/right questions name the object by its shape, so they stay "
              "near guessing among the objects present.")
-    rep.note(FULL_NOTE)
     rep.note("Decoder attention is Llama GQA (Moonlight uses MLA); MoE = DeepSeek-V3 routing "
              "(sigmoid scores, normalised top-k gates, bias used only for the choice).")
     return rep

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -280,16 +281,22 @@ def test_two_runs_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch
     """Default output folders are per run even within one second: the README's `run ddim
     --seed 3` then `run ddim` once shared a folder, and the second refused the first's
     checkpoint."""
-    from mlatlas import runner
+    from mlatlas import runner, runtime
+    from mlatlas.llm import parallel_pretraining
 
-    class Frozen(runner.datetime):
+    class Frozen(runtime.datetime):
         @classmethod
         def now(cls, tz=None):
             return cls(2026, 11, 30, 17, 19, 53)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "datetime", Frozen)
+    monkeypatch.setattr(runtime, "datetime", Frozen)
     first, second = runner.default_out("ddim"), runner.default_out("ddim")
     assert first.name == "20261130-171953" and second.name == "20261130-171953-2"
     assert first.is_dir() and second.is_dir()
     assert runner.default_out("ddim", "bench").name == "bench-20261130-171953"
+    # `mlatlas train` (no --out) twice in one second: a second folder, not the first's
+    # checkpoints overwritten
+    trains = parallel_pretraining.default_out(), parallel_pretraining.default_out()
+    assert [p.name for p in trains] == ["20261130-171953", "20261130-171953-2"]
+    assert all(p.is_dir() and p.parent == Path("runs") / "train" for p in trains)

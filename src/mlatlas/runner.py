@@ -35,6 +35,7 @@ from typing import Any
 
 from mlatlas import catalog
 from mlatlas.report import Report, claims_summary, write_run, write_tour
+from mlatlas.runtime import new_run_folder
 
 __all__ = [
     "MODES",
@@ -135,24 +136,16 @@ def changed_fields(module: types.ModuleType, cfg: Any, mode: str = "default") ->
 
 def default_out(method_id: str, kind: str = "run") -> Path:
     """``runs/<id>/<timestamp>/`` (``bench-<timestamp>`` for benchmarks), created here."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return _new_folder(Path("runs") / method_id, stamp if kind == "run" else f"{kind}-{stamp}")
+    return _new_folder(Path("runs") / method_id, "" if kind == "run" else f"{kind}-")
 
 
-def _new_folder(parent: Path, name: str) -> Path:
-    """Create and return ``parent/name`` — or ``name-2``, ``name-3`` … when a run started in
-    the same second already holds it (its checkpoints and metrics must not be reused)."""
-    path, k = parent / name, 1
-    while True:
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            k += 1
-            path = parent / f"{name}-{k}"
-        except OSError as exc:
-            raise ConfigError(f"cannot create output folder {str(path)!r}: "
-                              f"{exc.strerror or exc}") from None
+def _new_folder(parent: Path, prefix: str = "") -> Path:
+    """:func:`~mlatlas.runtime.new_run_folder`, its OSError as a ConfigError."""
+    try:
+        return new_run_folder(parent, prefix)
+    except OSError as exc:
+        raise ConfigError(f"cannot create an output folder in {str(parent)!r}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _mode(smoke: bool, full: bool) -> str:
@@ -236,8 +229,7 @@ def run_tour(field: str | None = None, out: str | Path | None = None, *,
     """
     if mode not in MODES:
         raise ConfigError(f"run mode must be one of {', '.join(MODES)}, got {mode!r}")
-    out = Path(out) if out is not None else _new_folder(
-        Path("runs") / "tour", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(out) if out is not None else _new_folder(Path("runs") / "tour")
     _make_dir(out)
     wanted = None if ids is None else set(ids)
     reports = []

@@ -14,12 +14,15 @@ import platform
 import random
 import sys
 from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
     "deterministic_algorithms",
     "needs_deterministic_switch",
     "machine_info",
+    "new_run_folder",
     "progress",
     "progress_enabled",
     "seed_everything",
@@ -97,6 +100,30 @@ def needs_deterministic_switch() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def new_run_folder(parent: str | Path, prefix: str = "") -> Path:
+    """Create and return ``parent/<prefix><YYYYmmdd-HHMMSS>`` for a new run.
+
+    When a run started in the same second already holds that name, the folder is
+    ``…-2``, ``…-3`` and so on: a run's checkpoints and metrics are never another run's.
+
+    Args:
+        parent: Folder the run folder goes in (created when missing).
+        prefix: Put before the timestamp, e.g. ``"bench-"``.
+
+    Raises:
+        OSError: the folder cannot be created (read-only disk, a file in the way, …).
+    """
+    name = prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, k = Path(parent) / name, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            k += 1
+            path = Path(parent) / f"{name}-{k}"
 
 
 @contextlib.contextmanager

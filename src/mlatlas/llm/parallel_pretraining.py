@@ -21,7 +21,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from mlatlas.llm.sharded_checkpoint import (
 )
 from mlatlas.llm.zero import STAGES, distribute, model_state_parts
 from mlatlas.peft.lora import LoraConfig, apply_lora
-from mlatlas.runtime import machine_info, progress, versions
+from mlatlas.runtime import machine_info, new_run_folder, progress, versions
 
 __all__ = ["DistributedSetupError", "TrainConfig", "default_out", "parse_lora", "train"]
 
@@ -109,7 +109,9 @@ def parse_lora(text: str) -> LoraConfig:
 
 
 def default_out() -> Path:
-    return Path("runs") / "train" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """A new folder ``runs/train/<timestamp>``, created here (``…-2`` when a run started in the
+    same second holds the name: its checkpoints are never another run's)."""
+    return new_run_folder(Path("runs") / "train")
 
 
 class DistributedSetupError(RuntimeError):
@@ -246,7 +248,7 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
 
 def _train(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = [str(cfg.out or default_out())]
+    out = [str(cfg.out or default_out()) if rank == 0 else None]
     dist.broadcast_object_list(out, src=0)  # one folder for every rank
     out_dir = Path(out[0])
     corpus = load_corpus(cfg.tokenizer, cfg.vocab_size)

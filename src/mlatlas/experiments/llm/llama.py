@@ -19,6 +19,7 @@ tokenizer) that ``transformers.LlamaForCausalLM.from_pretrained`` loads.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,20 @@ def run(cfg: Config, out: Path) -> Report:
     rep.claim("validation loss < unigram entropy of the validation tokens", final, h_uni,
               op="<", unit="nats/token",
               detail="the best context-free predictor's loss; below it ⇒ the model uses context")
+    epochs = rep.metric("passes over the training tokens (steps × batch × seq_len / train)",
+                        cfg.steps * cfg.batch * cfg.seq_len / corpus.train.numel())
+    best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
+    best_loss, best_step = history["val_loss"][best], history["val_step"][best]
+    rep.metric(f"lowest validation loss during training ({cfg.eval_windows} windows)", best_loss)
+    rep.metric("step of the lowest validation loss", best_step)
+    if best_step < cfg.steps:
+        train_end = statistics.fmean(history["train_loss"][-20:])
+        memorised = epochs >= 2 and train_end < best_loss
+        rep.note(f"validation loss ({cfg.eval_windows} windows) was lowest at step {best_step} "
+                 f"({best_loss:.3f}) and ends at {history['val_loss'][-1]:.3f}; train loss "
+                 f"{train_end:.3f} after {epochs:.1f} passes over {corpus.train.numel()} "
+                 "training tokens" + (" — the model memorises the training split" if memorised
+                                      else "") + ". The claim is measured on the final weights")
 
     # KV cache: greedy with the cache == greedy recomputing the prefix
     model.eval()

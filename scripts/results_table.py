@@ -78,6 +78,10 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
     commit = commits.most_common(1)[0][0] if commits else "—"
     dates = sorted(r["date"] for r in runs if r["date"])
     machines = Counter(r["machine"] for r in runs)
+    defaults = Counter(r["commit"] or "unknown" for m in results.values()
+                       for k, r in m.items() if k.endswith("/default")) if head != "default" \
+        else Counter()
+    default_commit = defaults.most_common(1)[0][0] if defaults else None
     lines = ["# Results: every built method's claims, default and --full", ""]
     if head == "smoke":
         lines += ["> **Placeholder built from smoke runs (a few steps each): these numbers are "
@@ -88,6 +92,8 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
         + (f", {dates[0][:10]}" if dates else "")
         + (f" to {dates[-1][:10]}" if dates and dates[-1][:10] != dates[0][:10] else "")
         + (f" on {machines.most_common(1)[0][0]}" if machines else ""),
+        *([f"- default column: runs at commit `{default_commit}` (others listed below the "
+             "table)"] if default_commit else []),
         f"- generated on {datetime.now().astimezone():%Y-%m-%d} by `{command}`",
         "- regenerate: `mlatlas tour --out runs/default && mlatlas tour --full --out runs/full "
         "&& python scripts/results_table.py runs/full runs/default` (a single method: "
@@ -125,6 +131,9 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
             stand_in = "" if mode_of[kind] == head else f" ({mode_of[kind]} run; no {head} run)"
             if main["commit"] != commit:
                 others.append(f"`{m.id}` {kind}: commit `{main['commit']}`, {main['date'][:10]}")
+            if default and default is not main and default["commit"] != default_commit:
+                others.append(f"`{m.id}` {kind} (default column): commit "
+                              f"`{default['commit']}`, {default['date'][:10]}")
             label = f"`{m.id}`" + (" (bench)" if kind == "bench" else "")
             wall = _seconds(main["elapsed_s"])
             if main["error"]:

@@ -49,6 +49,7 @@ def test_script_builds_the_table_from_tours(fake_method, tmp_path, monkeypatch):
                         "--docs", str(docs)]) == 0
     text = (docs / "results.md").read_text()
     assert "full runs at commit `" in text and "Placeholder" not in text
+    assert "- default column: runs at commit `" in text  # the default values' commit too
     # full steps = 10, default steps = 3, target 1: default and full values side by side
     assert re.search(r"^\| `fake-method` \| steps reach target \| >= 1 \| 3 \| 10 \| ✓ holds \| "
                      r"\d+\.\d s \|$", text, re.M), text

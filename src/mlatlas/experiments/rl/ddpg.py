@@ -160,9 +160,9 @@ def run(cfg: Config, out: Path) -> Report:
                      f"{[round(x, 1) for x in ours_eval]}{sb3_txt}")
     rep.note("Hyper-parameters for both implementations: rl-zoo's Pendulum-v1 DDPG entry "
              "(gamma 0.98, buffer 200k, normal noise σ 0.1, train_freq 1, gradient_steps 1, "
-             "learning_rate 1e-3) and SB3's batch_size 256, tau 0.005; the default run shortens "
-             f"the budget to {cfg.steps} steps with {cfg.learning_starts} random ones and uses "
-             f"{list(cfg.hidden)} networks (rl-zoo: 20k, 10k, [400, 300]).")
+             "learning_rate 1e-3) and SB3's batch_size 256, tau 0.005; budget and networks: "
+             f"{cfg.steps} steps with {cfg.learning_starts} random ones, {list(cfg.hidden)} "
+             "networks (rl-zoo: 20000, 10000, [400, 300]).")
     with figure(out / "ddpg_pendulum.png", size=(7, 4.2)) as (fig, ax):
         for runs, label, color in ((ours, "ours", "C0"), (theirs, "SB3 DDPG", "C1")):
             for k, r in enumerate(runs):

@@ -1,8 +1,10 @@
-"""Run-time switches every experiment shares: seeding, determinism, threads, progress.
+"""Run-time switches every experiment shares: seeding, determinism, threads, progress, and
+the folder each run writes to.
 
 Experiments call :func:`seed_everything` (the runner already does, with the run's seed) and
 wrap long loops in :func:`progress`. :func:`machine_info` and :func:`versions` are what the
 reports write next to the numbers so that a measurement always says where it came from.
+:func:`new_run_folder` gives ``mlatlas run``/``bench``/``tour``/``train`` a folder of their own.
 """
 
 from __future__ import annotations

@@ -79,8 +79,7 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
     dates = sorted(r["date"] for r in runs if r["date"])
     machines = Counter(r["machine"] for r in runs)
     defaults = Counter(r["commit"] or "unknown" for m in results.values()
-                       for k, r in m.items() if k.endswith("/default")) if head != "default" \
-        else Counter()
+                       for k, r in m.items() if k.endswith("/default"))
     default_commit = defaults.most_common(1)[0][0] if defaults else None
     lines = ["# Results: every built method's claims, default and --full", ""]
     if head == "smoke":

@@ -250,23 +250,22 @@ def run(cfg: Config, out: Path) -> Report:
         axes[0, 1].set_ylabel("share of held-out tokens")
         axes[0, 1].legend(fontsize=7)
     rep.figure(out / "kimi_vl.png")
-    rep.note("Init (measured on the shared 2-core VM, 2026-11-30, seed 0; one-object scenes, "
-             "so that no question needs to find an object by its shape; 200 held-out scenes "
-             "per kind): with PyTorch's default Linear init, embeddings and lm_head at "
-             "N(0, 0.02) and the position table at N(0, 0.02), left/right stayed at chance "
-             "after 1000 steps (0.48; shape 0.48). The table was 4 % of the patch embedding "
-             "(rms 0.017 vs 0.41): transformers' Kimi_K25 starts it at truncated N(0, 1), and "
-             "so does MoonViT now. With that table and every weight at N(0, 1/fan_in) "
-             "(``fan_in_init``; 0.02 is the fan-in scale of a ~2500-wide model) left/right "
-             "reached 0.82 after 400 steps, 0.98 after 600 and 1000. Both halves are needed "
-             "(600 steps): the N(0, 1) table alone 0.65; plus fan-in vision tower and projector "
-             "0.54; fan-in decoder with the 0.02 table 0.54; N(0, 1) table + fan-in decoder "
-             "(PyTorch-default tower) 0.99. Shape did not move (0.48 after 600 steps, 0.52 after 1000, 0.48 with "
-             "a third vision layer): triangles are recognised, circles and squares are not told "
-             "apart (600 steps: circle → 25 circle / 27 square, square → 28 / 32). The init is "
-             "why position was not learned, not why shape is not. With two or three objects "
-             "the colour and left/right questions name the object by its shape, so they stay "
-             "near guessing among the objects present.")
+    rep.note("Init (measured on the shared 2-core VM, 2026-11-30, seed 0; one-object scenes, so "
+             "that no question needs to find an object by its shape; 200 held-out scenes per kind):"
+             " with PyTorch's default Linear init, embeddings and lm_head at N(0, 0.02) and the "
+             "position table at N(0, 0.02), left/right stayed at chance after 1000 steps (0.48; "
+             "shape 0.48). The table was 4 % of the patch embedding (rms 0.017 vs 0.41): "
+             "transformers' Kimi_K25 starts it at truncated N(0, 1), and so does MoonViT now. With "
+             "that table and every weight at N(0, 1/fan_in) (``fan_in_init``; 0.02 is the fan-in "
+             "scale of a ~2500-wide model) left/right reached 0.82 after 400 steps, 0.98 after 600 "
+             "and 1000. Both halves are needed (600 steps): the N(0, 1) table alone 0.65; plus "
+             "fan-in vision tower and projector 0.54; fan-in decoder with the 0.02 table 0.54; N(0,"
+             " 1) table + fan-in decoder (PyTorch-default tower) 0.99. Shape did not move (0.48 "
+             "after 600 steps, 0.52 after 1000, 0.48 with a third vision layer): triangles are "
+             "recognised, circles and squares are not told apart (600 steps: circle → 25 circle / "
+             "27 square, square → 28 / 32). The init is why position was not learned, not why shape"
+             " is not. With two or three objects the colour and left/right questions name the "
+             "object by its shape, so they stay near guessing among the objects present.")
     rep.note("Decoder attention is Llama GQA (Moonlight uses MLA); MoE = DeepSeek-V3 routing "
              "(sigmoid scores, normalised top-k gates, bias used only for the choice).")
     return rep

@@ -11,6 +11,7 @@ rank's loss is its share of the global token mean, so the runs agree to rounding
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -24,8 +25,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import zero_workers
+from torch.nn.parallel import DistributedDataParallel
 
+from mlatlas.llm.llama import Llama
 from mlatlas.llm.parallel_pretraining import parse_lora
+from mlatlas.llm.zero_optimizer import ZeroOptimizer
 from mlatlas.train import main
 
 TINY = ["llama", "--steps", "3", "--batch", "4", "--seq-len", "24", "--hidden-size", "24",
@@ -60,6 +64,24 @@ def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     assert main([*TINY, *PARTS, "--out", str(out)]) == 0
     return _metrics(out)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp2"])
+def test_nothing_that_holds_the_process_group_outlives_the_run(strategy, tmp_path):
+    """Without a garbage collection: a model or optimizer left in a reference cycle kept the
+    group alive until interpreter exit, where gloo aborted a torchrun rank."""
+    def alive() -> int:
+        return sum(isinstance(o, (Llama, ZeroOptimizer, DistributedDataParallel))
+                   for o in gc.get_objects())
+
+    gc.collect()
+    before = alive()
+    gc.disable()
+    try:
+        assert main([*TINY, "--strategy", strategy, "--out", str(tmp_path)]) == 0
+        assert alive() == before, f"{strategy}: the run's model or optimizer is still alive"
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "fsdp2"])

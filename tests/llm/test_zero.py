@@ -11,8 +11,10 @@ than one process sums the batch, which moves the last bits (measured ≤ 3.4e-7)
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from datetime import timedelta
 
 import pytest
@@ -118,6 +120,25 @@ def test_zero_optimizer_on_one_rank_equals_adamw(one_rank, stage):
     # stage 1: the flat gradient buffers; stage 2: the reduced shard (Ψ/N = Ψ)
     assert held.grads == 4 * psi
     assert held.optimizer == 8 * psi + 4 * len(opt.state)  # m, v and a step per shard
+
+
+def test_dropped_stage2_optimizer_is_freed_without_garbage_collection(one_rank):
+    """Its gradient hooks must not hold it: a cycle parameter → hook → optimizer kept it and
+    its process group alive past destroy_process_group, until a garbage collection that could
+    come at interpreter exit, where gloo aborted a torchrun rank ("terminate called …")."""
+    m = zero_workers.model()
+    opt = ZeroOptimizer(adamw_for(m, SCHEDULE), stage=2, bucket_numel=BUCKET)
+    zero_workers.loss_of(m, next(iter(zero_workers.batches()))).backward()
+    opt.step()
+    gone = weakref.ref(opt)
+    gc.disable()
+    try:
+        del opt
+        assert gone() is None, "the optimizer outlived its last reference (a cycle holds it)"
+    finally:
+        gc.enable()
+    zero_workers.loss_of(m, next(iter(zero_workers.batches()))).backward()
+    assert all(p.grad is not None for p in m.parameters()), "a hook of the dropped optimizer ran"
 
 
 # ------------------------------------------------------------------------- N processes

@@ -17,6 +17,7 @@ writes its shards of the checkpoints (:mod:`mlatlas.llm.sharded_checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -244,6 +245,13 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # the group dies with its last holder: free reference cycles now (FSDP2's modules and
+        # states, the frames torch.fx keeps while DDP imports it), not in a collection at
+        # interpreter exit, where gloo aborted a rank ("terminate called without an active
+        # exception"). FSDP2's finalizers free more: a second pass collects that.
+        for _ in range(4):
+            if not gc.collect():
+                break
 
 
 def _train(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:

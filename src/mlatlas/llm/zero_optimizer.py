@@ -35,6 +35,7 @@ Per rank this holds, with fp32 parameters and Adam: parameters ``4Ψ``, gradient
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,11 +130,16 @@ class ZeroOptimizer:
         self._next = 0  # stage 2: next bucket to reduce, in a fixed order on every rank
         self._callback_queued = False
         if stage == 2:
+            # the hooks hold the optimizer weakly: a cycle parameter → hook → optimizer would
+            # keep it and its process group alive past destroy_process_group, until a garbage
+            # collection that may come only at interpreter exit (where gloo aborts)
+            owner = weakref.ref(self)
             for buckets in self.buckets:
                 for b in buckets:
                     for i, p in enumerate(b.params):
                         self._hooks.append(p.register_post_accumulate_grad_hook(
-                            self._grad_ready_hook(b, i)))
+                            _grad_ready_hook(owner, b, i)))
+            weakref.finalize(self, _remove, self._hooks)  # optimizer dropped → hooks removed
         self.zero_grad()
 
     # ---------------------------------------------------------------------------- layout
@@ -179,20 +185,6 @@ class ZeroOptimizer:
             yield from buckets
 
     # ---------------------------------------------------------------------------- gradients
-    def _grad_ready_hook(self, bucket: _Bucket, index: int):
-        def hook(p: Tensor) -> None:  # stage 2: runs when p.grad has been accumulated
-            if bucket.pending is None:
-                bucket.pending = torch.zeros_like(bucket.flat)
-            off = bucket.offsets[index]
-            bucket.pending[off:off + p.numel()].add_(p.grad.reshape(-1))
-            p.grad = None  # the full gradient is not kept (P_os+g)
-            bucket.ready.add(index)
-            if not self._callback_queued:  # flush buckets with unused parameters at the end
-                self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-            self._reduce_ready()
-        return hook
-
     def _order(self) -> list[_Bucket]:
         return list(self._all_buckets())
 
@@ -356,6 +348,28 @@ class ZeroOptimizer:
 
     def remove_hooks(self) -> None:
         """Remove the stage-2 gradient hooks from the parameters."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        _remove(self._hooks)
+
+
+def _grad_ready_hook(owner: weakref.ref[ZeroOptimizer], bucket: _Bucket, index: int):
+    """Stage 2's hook on parameter ``index`` of ``bucket``: it runs when ``p.grad`` has been
+    accumulated (the hooks are removed when the optimizer dies, so ``owner()`` is alive)."""
+    def hook(p: Tensor) -> None:
+        zero = owner()
+        if bucket.pending is None:
+            bucket.pending = torch.zeros_like(bucket.flat)
+        off = bucket.offsets[index]
+        bucket.pending[off:off + p.numel()].add_(p.grad.reshape(-1))
+        p.grad = None  # the full gradient is not kept (P_os+g)
+        bucket.ready.add(index)
+        if not zero._callback_queued:  # flush buckets with unused parameters at the end
+            zero._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(zero._flush)
+        zero._reduce_ready()
+    return hook
+
+
+def _remove(hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for h in hooks:
+        h.remove()
+    hooks.clear()

@@ -126,9 +126,9 @@ def test_dropped_stage2_optimizer_is_freed_without_garbage_collection(one_rank):
     """Its gradient hooks must not hold it: a cycle parameter → hook → optimizer kept it and
     its process group alive past destroy_process_group, until a garbage collection that could
     come at interpreter exit, where gloo aborted a torchrun rank ("terminate called …")."""
-    m = zero_workers.model()
+    m, rows = zero_workers.model(), next(iter(zero_workers.batches()))
     opt = ZeroOptimizer(adamw_for(m, SCHEDULE), stage=2, bucket_numel=BUCKET)
-    zero_workers.loss_of(m, next(iter(zero_workers.batches()))).backward()
+    zero_workers.loss_of(m, rows).backward()
     opt.step()
     gone = weakref.ref(opt)
     gc.disable()
@@ -137,7 +137,7 @@ def test_dropped_stage2_optimizer_is_freed_without_garbage_collection(one_rank):
         assert gone() is None, "the optimizer outlived its last reference (a cycle holds it)"
     finally:
         gc.enable()
-    zero_workers.loss_of(m, next(iter(zero_workers.batches()))).backward()
+    zero_workers.loss_of(m, rows).backward()
     assert all(p.grad is not None for p in m.parameters()), "a hook of the dropped optimizer ran"
 
 
